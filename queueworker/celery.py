@@ -1,0 +1,15 @@
+"""The Celery application (Celery's own Django example, plus the broker topology)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "queueworker.settings")
+
+app = Celery("queueworker")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+from queueworker import worker_signals  # noqa: E402,F401  # connects the worker's signal handlers

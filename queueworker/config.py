@@ -1,0 +1,113 @@
+"""Typed readers for environment settings that fail loudly on bad values.
+
+Every reader names the variable and the value it could not use, so a typo in a deployment
+stops the process at start with a message instead of surfacing later as odd behaviour.
+A ``<NAME>_FILE`` variable, when set, is read instead of ``<NAME>`` (for mounted secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_RATE = re.compile(r"^\d+/(s|sec|second|m|min|minute|h|hour|d|day)$")
+
+
+class Env:
+    """Reads settings from a mapping (``os.environ`` by default)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str | None:
+        file_path = self.environ.get(f"{name}_FILE")
+        if file_path:
+            try:
+                return Path(file_path).read_text().strip()
+            except OSError as exc:
+                raise ImproperlyConfigured(f"{name}_FILE: cannot read {file_path!r}: {exc}") from exc
+        return self.environ.get(name)
+
+    def str(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None or value == "" else value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ImproperlyConfigured(f"{name} must be true or false, got {value!r}")
+
+    def int(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            return default
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+        return _bounded(name, number, minimum, maximum)
+
+    def float(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float:
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            return default
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+        return _bounded(name, number, minimum, maximum)
+
+    def list(self, name: str, default: list[str]) -> list[str]:
+        value = self.raw(name)
+        if value is None:
+            return list(default)
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(name, default).strip().lower()
+        if value not in choices:
+            raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def rate(self, name: str, default: str | None) -> str | None:
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            return default
+        if not _RATE.match(value.strip()):
+            raise ImproperlyConfigured(
+                f"{name} must be a rate such as '50/second' or '1000/minute', got {value!r}"
+            )
+        return value.strip()
+
+
+N = TypeVar("N", int, float)
+
+
+def _bounded(name: str, number: N, minimum: N | None, maximum: N | None) -> N:
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {number}")
+    return number

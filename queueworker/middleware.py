@@ -1,0 +1,50 @@
+"""Request body limit, answered as JSON 413 before anything is parsed (DESIGN §7).
+
+Django checks ``DATA_UPLOAD_MAX_MEMORY_SIZE`` only when ``request.body`` or ``request.POST``
+is read; DRF's parsers read the raw stream and would let a large JSON body through. This
+middleware enforces ``QW_MAX_PAYLOAD_BYTES`` on the declared length and, for chunked bodies
+without one, on the bytes actually read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+
+def too_large_response() -> JsonResponse:
+    limit = settings.QW_MAX_PAYLOAD_BYTES
+    return JsonResponse(
+        {"detail": f"Request body exceeds the limit of {limit} bytes (QW_MAX_PAYLOAD_BYTES)."},
+        status=413,
+    )
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        limit = settings.QW_MAX_PAYLOAD_BYTES
+        declared = request.META.get("CONTENT_LENGTH")
+        try:
+            length = int(declared) if declared else None
+        except ValueError:
+            return JsonResponse({"detail": "Invalid Content-Length header."}, status=400)
+        if length is not None and length > limit:
+            return too_large_response()
+        if length is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            try:
+                body = request.read(limit + 1)
+            except RequestDataTooBig:
+                return too_large_response()
+            if len(body) > limit:
+                return too_large_response()
+            request._body = body  # type: ignore[attr-defined]  # Django's cached body
+        try:
+            return self.get_response(request)
+        except RequestDataTooBig:
+            return too_large_response()

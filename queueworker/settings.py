@@ -1,0 +1,277 @@
+"""QueueWorker settings, read from the environment (DESIGN §10; every name is in the README).
+
+With nothing set, the service runs on an embedded default that needs no server: SQLite in WAL
+mode and kombu's ``filesystem://`` transport under ``var/``. ``DATABASE_URL`` and
+``CELERY_BROKER_URL`` switch it to PostgreSQL and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from queueworker import messaging
+from queueworker.config import Env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = Env()
+
+VAR_DIR = Path(env.str("QW_VAR_DIR", str(BASE_DIR / "var")))
+
+# --- Django core -------------------------------------------------------------------------------
+DEBUG = env.bool("DJANGO_DEBUG", False)
+SECRET_KEY = env.str(
+    "DJANGO_SECRET_KEY",
+    # Django's own ``check --deploy`` flags this key; compose and the manifests require a real one.
+    "django-insecure-queueworker-development-key-change-me-0123456789abcdef",
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "django_celery_beat",
+    "django_celery_results",
+    "tasks_app",
+    "workflows_app",
+]
+
+MIDDLEWARE = [
+    "queueworker.middleware.BodySizeLimitMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "queueworker.urls"
+WSGI_APPLICATION = "queueworker.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------------------------
+EMBEDDED_DATABASE_URL = f"sqlite:///{VAR_DIR / 'queueworker.sqlite3'}"
+DATABASE_URL = env.str("DATABASE_URL", EMBEDDED_DATABASE_URL)
+try:
+    _db: dict[str, Any] = environ.Env.db_url_config(DATABASE_URL)
+except Exception as exc:  # django-environ raises several types for a malformed URL
+    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    if _db["NAME"] != ":memory:":
+        Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    _db.setdefault("OPTIONS", {}).update(
+        {
+            # Web, worker and beat share one file: WAL lets readers run beside the writer and
+            # IMMEDIATE transactions queue writers instead of failing with "database is locked".
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+        }
+    )
+elif _db["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
+    _db["ENGINE"] = "django.db.backends.postgresql"
+    _db.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
+    _db["CONN_MAX_AGE"] = env.int("QW_DB_CONN_MAX_AGE", 600, minimum=0)
+else:
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must point at PostgreSQL or SQLite, got engine {_db['ENGINE']!r}"
+    )
+_db["CONN_HEALTH_CHECKS"] = True
+DATABASES = {"default": _db}
+IS_POSTGRES = _db["ENGINE"] == "django.db.backends.postgresql"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- I18N, static ------------------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# --- QueueWorker -------------------------------------------------------------------------------
+QW_MAX_PAYLOAD_BYTES = env.int("QW_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1024)
+QW_BULK_MAX = env.int("QW_BULK_MAX", 1000, minimum=1, maximum=100_000)
+QW_DEFAULT_MAX_RETRIES = env.int("QW_DEFAULT_MAX_RETRIES", 3, minimum=0, maximum=100)
+QW_MAX_RETRIES_LIMIT = env.int("QW_MAX_RETRIES_LIMIT", 25, minimum=0, maximum=1000)
+QW_DEFAULT_TIMEOUT_S = env.int("QW_DEFAULT_TIMEOUT_S", 300, minimum=1)
+QW_MAX_TIMEOUT_S = env.int("QW_MAX_TIMEOUT_S", 1500, minimum=1)
+QW_LEASE_SECONDS = env.int("QW_LEASE_SECONDS", 30, minimum=1)
+QW_BACKOFF_BASE_S = env.float("QW_BACKOFF_BASE_S", 2.0, minimum=0.0)
+QW_BACKOFF_CAP_S = env.float("QW_BACKOFF_CAP_S", 600.0, minimum=0.0)
+QW_ETA_MAX_SECONDS = env.int("QW_ETA_MAX_SECONDS", 60, minimum=0, maximum=600)
+QW_REDISPATCH_SECONDS = env.int("QW_REDISPATCH_SECONDS", 300, minimum=1)
+QW_DISPATCH_INTERVAL_S = env.float("QW_DISPATCH_INTERVAL_S", 1.0, minimum=0.05)
+QW_SWEEP_INTERVAL_S = env.float("QW_SWEEP_INTERVAL_S", 5.0, minimum=0.1)
+QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maximum=10.0)
+QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
+QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
+QW_METRICS_TOKEN = env.str("QW_METRICS_TOKEN", "")
+QW_QUEUE_OVERLOAD_THRESHOLD = env.int("QW_QUEUE_OVERLOAD_THRESHOLD", 10_000, minimum=1)
+QW_HTTP_ALLOWED_HOSTS = env.list("QW_HTTP_ALLOWED_HOSTS", [])
+QW_WORKER_SYNC_COMMIT = env.bool("QW_WORKER_SYNC_COMMIT", False)
+QW_HANDLER_MODULES = env.list("QW_HANDLER_MODULES", [])
+QW_TYPE_ROUTES = messaging.parse_type_routes(env.list("QW_TYPE_ROUTES", []))
+if QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS >= 1800:
+    raise ImproperlyConfigured(
+        "QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS must stay below RabbitMQ's 30-minute consumer "
+        f"timeout, got {QW_MAX_TIMEOUT_S} + {QW_LEASE_SECONDS}"
+    )
+if QW_DEFAULT_TIMEOUT_S > QW_MAX_TIMEOUT_S:
+    raise ImproperlyConfigured("QW_DEFAULT_TIMEOUT_S must not exceed QW_MAX_TIMEOUT_S")
+
+# Django rejects bodies above this before they are parsed; the middleware answers JSON 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = QW_MAX_PAYLOAD_BYTES
+
+# --- Celery ------------------------------------------------------------------------------------
+EMBEDDED_BROKER_URL = "filesystem://"
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", EMBEDDED_BROKER_URL)
+IS_EMBEDDED_BROKER = CELERY_BROKER_URL.startswith("filesystem:")
+if IS_EMBEDDED_BROKER:
+    _broker_dir = VAR_DIR / "broker"
+    for _sub in ("queue", "processed"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+elif CELERY_BROKER_URL.startswith(("amqp:", "amqps:", "pyamqp:")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "max_retries": 1}
+else:
+    raise ImproperlyConfigured(
+        f"CELERY_BROKER_URL must be amqp:// (RabbitMQ) or filesystem://, got {CELERY_BROKER_URL!r}"
+    )
+
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_QUEUES = messaging.work_queues(QW_TYPE_ROUTES)
+CELERY_TASK_DEFAULT_QUEUE = messaging.DEFAULT_QUEUE
+CELERY_TASK_DEFAULT_EXCHANGE = messaging.TASKS_EXCHANGE
+CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "direct"
+CELERY_TASK_DEFAULT_ROUTING_KEY = messaging.DEFAULT_QUEUE
+CELERY_TASK_CREATE_MISSING_QUEUES = False
+CELERY_TASK_DEFAULT_PRIORITY = 0
+CELERY_TASK_QUEUE_MAX_PRIORITY = messaging.MAX_PRIORITY
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("QW_WORKER_PREFETCH", 1, minimum=1)
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_HEARTBEAT = env.int("QW_BROKER_HEARTBEAT_S", 30, minimum=0)
+CELERY_BROKER_CONNECTION_TIMEOUT = QW_PUBLISH_TIMEOUT_S
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_POOL_LIMIT = 10
+CELERY_TASK_PUBLISH_RETRY = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+# Hard limit for anything that slips past a task's own limit, below the consumer timeout.
+CELERY_TASK_TIME_LIMIT = QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = "django-db"
+CELERY_RESULT_EXTENDED = False
+CELERY_TASK_SEND_SENT_EVENT = False
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("QW_WORKER_SEND_EVENTS", False)
+CELERY_BEAT_SCHEDULER = "tasks_app.scheduler:QueueWorkerScheduler"
+# Celery's Django fixup closes the database connection around every task unless told to reuse
+# it; reopening a PostgreSQL session per task costs more than the task (see PERFORMANCE.md).
+CELERY_DB_REUSE_MAX = env.int("QW_DB_REUSE_MAX", 100_000, minimum=0)
+CELERY_WORKER_CONCURRENCY = env.int("QW_WORKER_CONCURRENCY", 1 if IS_EMBEDDED_BROKER else 2)
+
+# --- REST framework ----------------------------------------------------------------------------
+REST_FRAMEWORK: dict[str, Any] = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["queueworker.api.SafeJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "queueworker.api.DefaultCursorPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "queueworker.api.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"create": QW_THROTTLE_CREATE},
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "QueueWorker API",
+    "DESCRIPTION": "Typed background tasks and saga workflows on Celery and RabbitMQ.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "tasks_app.models.TaskStatus",
+    },
+}
+
+# --- Logging -----------------------------------------------------------------------------------
+LOG_LEVEL = env.choice("LOG_LEVEL", "INFO", ("debug", "info", "warning", "error", "critical"))
+LOG_LEVEL = LOG_LEVEL.upper()
+LOG_FORMAT = env.choice("LOG_FORMAT", "console", ("json", "console"))
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {"()": "queueworker.logging.JsonFormatter"},
+        "console": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "default": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+    },
+    "root": {"handlers": ["default"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "amqp": {"level": "WARNING"},
+        "kombu": {"level": "WARNING"},
+    },
+}

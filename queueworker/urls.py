@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from queueworker import health
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include("tasks_app.api.urls")),
+    path("api/health/", health.HealthView.as_view(), name="health"),
+    path("api/health/live/", health.LiveView.as_view(), name="health-live"),
+    path("api/health/ready/", health.ReadyView.as_view(), name="health-ready"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api-auth/", include("rest_framework.urls")),
+]

@@ -1,0 +1,51 @@
+"""Worker process setup: database session settings, connection health, broker topology."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from django.conf import settings
+from django.db import connections
+from django.db.backends.signals import connection_created
+
+from queueworker import messaging
+
+logger = logging.getLogger(__name__)
+
+
+def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:
+    """Worker transactions commit without waiting for the WAL flush.
+
+    A commit lost in a PostgreSQL crash only means the task runs again (at-least-once after
+    the API's 201, which itself stays a synchronous commit); the worker saves ~0.6 ms a commit.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO OFF")
+
+
+@signals.worker_process_init.connect
+def _init_worker_process(**kwargs: Any) -> None:
+    if not settings.QW_WORKER_SYNC_COMMIT:
+        connection_created.connect(_async_commit, weak=False, dispatch_uid="qw_async_commit")
+
+
+@signals.task_prerun.connect
+def _check_connections(**kwargs: Any) -> None:
+    # Celery keeps connections across tasks (CELERY_DB_REUSE_MAX); drop a broken or expired one
+    # and have the next query health-check it, so a PostgreSQL restart costs no task.
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
+
+
+@signals.worker_ready.connect
+def _declare_dead_letter_queue(sender: Any = None, **kwargs: Any) -> None:
+    from queueworker.celery import app
+
+    try:
+        with app.connection_for_write() as conn:
+            messaging.dead_letter_queue()(conn.default_channel).declare()
+    except Exception:  # the worker still runs; the queues' DLX argument holds until it exists
+        logger.warning("could not declare %s", messaging.DEAD_LETTER_QUEUE, exc_info=True)

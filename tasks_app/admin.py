@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from queueworker.errors import InvalidTransition
+from tasks_app import selectors, services
+from tasks_app.models import Task, TaskLog
+
+
+class TaskLogInline(admin.TabularInline):
+    model = TaskLog
+    extra = 0
+    can_delete = False
+    fields = ("created_at", "level", "event", "message", "data")
+    readonly_fields = fields
+    ordering = ("created_at", "id")
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = (
+        "id", "type", "status", "queue", "priority", "retries", "max_retries",
+        "failure_class", "owner", "created_at", "finished_at",
+    )
+    list_filter = ("status", "type", "queue", "failure_class", "created_at")
+    search_fields = ("=id", "idempotency_key", "step")
+    date_hierarchy = "created_at"
+    list_select_related = ("owner",)
+    show_full_result_count = False
+    inlines = [TaskLogInline]
+    actions = ["cancel_tasks", "retry_tasks"]
+    readonly_fields = (
+        "id", "owner", "type", "status", "queue", "retries", "attempt", "error",
+        "failure_class", "result", "next_attempt_at", "dispatched_at", "lease_expires_at",
+        "cancel_requested", "idempotency_key", "request_hash", "parent", "step",
+        "created_at", "started_at", "finished_at", "wait_reason",
+    )
+    fieldsets = (
+        (None, {"fields": ("id", "type", "status", "wait_reason", "owner", "queue", "priority")}),
+        ("Input", {"fields": ("payload", "timeout_s", "scheduled_at", "idempotency_key")}),
+        ("Retries", {"fields": (
+            "retries", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter",
+            "attempt", "next_attempt_at", "dispatched_at", "lease_expires_at",
+        )}),
+        ("Outcome", {"fields": ("result", "error", "failure_class", "cancel_requested")}),
+        ("Relations", {"fields": ("parent", "step")}),
+        ("Times", {"fields": ("created_at", "started_at", "finished_at")}),
+    )
+
+    @admin.display(description="Why is it not done?")
+    def wait_reason(self, task: Task) -> str:
+        reason = selectors.wait_reason(task)
+        if reason is None:
+            return "—"
+        until = f" (until {reason['until']:%Y-%m-%d %H:%M:%S})" if reason.get("until") else ""
+        return f"{reason['code']}: {reason['detail']}{until}"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # tasks are created through the API, which validates their payload
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        # Only not-yet-started tasks have editable fields; status moves through actions.
+        return super().has_change_permission(request, obj) and (
+            obj is None or getattr(obj, "status", None) == "PENDING"
+        )
+
+    @admin.action(description="Cancel selected tasks", permissions=["change"])
+    def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        done, refused = 0, 0
+        for task in queryset:
+            try:
+                services.task_cancel(task=task, by=request.user.get_username())
+                done += 1
+            except InvalidTransition:
+                refused += 1
+        self.message_user(request, f"Cancelled or cancel requested: {done}; refused: {refused}.")
+
+    @admin.action(description="Retry selected tasks (FAILED or CANCELLED)", permissions=["change"])
+    def retry_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        done, refused = 0, 0
+        for task in queryset:
+            try:
+                services.task_retry(task=task, by=request.user.get_username())
+                done += 1
+            except InvalidTransition:
+                refused += 1
+        level = messages.SUCCESS if not refused else messages.WARNING
+        self.message_user(request, f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.", level)
+
+
+@admin.register(TaskLog)
+class TaskLogAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "task", "level", "event", "message")
+    list_filter = ("level", "event", "created_at")
+    search_fields = ("=task__id",)
+    list_select_related = ("task",)
+    readonly_fields = ("task", "level", "event", "message", "data", "created_at")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

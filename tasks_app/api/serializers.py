@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from tasks_app import selectors
+from tasks_app.handlers import registry
+from tasks_app.models import Task, TaskLog
+from tasks_app.services import TaskSpec, canonical_hash
+
+MAX_DELAY_MS = 366 * 24 * 3600 * 1000
+
+
+class StrictSerializer(serializers.Serializer):
+    """Rejects fields it does not know, naming them, instead of silently dropping them."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {name: ["Unknown field."] for name in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+def payload_errors(problems: list[tuple[str, str]]) -> dict[str, Any] | list[str]:
+    """Shape (json path, message) pairs as DRF nested errors under ``payload``.
+
+    ``{"sleep_ms": ["-1 is less than the minimum of 0"]}`` when every problem sits under a
+    top-level key; otherwise a list of ``"path: message"`` strings.
+    """
+    if problems and all(path for path, _ in problems):
+        nested: dict[str, list[str]] = {}
+        for path, message in problems:
+            head, _, rest = path.partition(".")
+            if "[" in head:
+                head, bracket, tail = head.partition("[")
+                rest = f"[{tail}" + (f".{rest}" if rest else "")
+            nested.setdefault(head, []).append(f"{rest}: {message}" if rest else message)
+        return nested
+    return [f"{path}: {message}" if path else message for path, message in problems]
+
+
+class TaskCreateInput(StrictSerializer):
+    type = serializers.CharField(max_length=64, help_text="A registered task type, e.g. NOOP.")
+    payload = serializers.JSONField(
+        required=False, default=dict, help_text="Checked against the type's payload schema."
+    )
+    max_retries = serializers.IntegerField(
+        required=False, min_value=0, help_text="Retries after the first attempt."
+    )
+    priority = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=9, help_text="0–9, higher runs sooner."
+    )
+    scheduled_at = serializers.DateTimeField(
+        required=False, allow_null=True, help_text="Not before this time."
+    )
+    delay_ms = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=MAX_DELAY_MS
+    )
+    timeout_s = serializers.IntegerField(
+        required=False, min_value=1, help_text="The handler's time limit in seconds."
+    )
+    parent = serializers.UUIDField(required=False, allow_null=True)
+    retry_backoff_s = serializers.FloatField(
+        required=False, allow_null=True, min_value=0, max_value=3600,
+        help_text="Backoff base for this task (default QW_BACKOFF_BASE_S).",
+    )
+    retry_backoff_max_s = serializers.FloatField(
+        required=False, allow_null=True, min_value=0, max_value=86400,
+        help_text="Backoff cap for this task (default QW_BACKOFF_CAP_S).",
+    )
+    retry_jitter = serializers.BooleanField(
+        required=False, default=True, help_text="Full jitter on the backoff (default true)."
+    )
+    idempotency_key = serializers.CharField(
+        required=False, allow_null=True, max_length=255,
+        help_text="Or the Idempotency-Key header; the same key returns the same task.",
+    )
+
+    def validate_type(self, value: str) -> str:
+        if value not in registry:
+            known = ", ".join(registry.types())
+            raise serializers.ValidationError(f"Unknown task type '{value}'. Known types: {known}.")
+        return value
+
+    def validate_max_retries(self, value: int) -> int:
+        if value > settings.QW_MAX_RETRIES_LIMIT:
+            raise serializers.ValidationError(
+                f"Ensure this value is less than or equal to {settings.QW_MAX_RETRIES_LIMIT}."
+            )
+        return value
+
+    def validate_timeout_s(self, value: int) -> int:
+        if value > settings.QW_MAX_TIMEOUT_S:
+            raise serializers.ValidationError(
+                f"Ensure this value is less than or equal to {settings.QW_MAX_TIMEOUT_S} "
+                "(QW_MAX_TIMEOUT_S)."
+            )
+        return value
+
+    def validate_parent(self, value: Any) -> Any:
+        if value is None:
+            return None
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        if user is None or not selectors.task_queryset(user).filter(pk=value).exists():
+            raise serializers.ValidationError(f"No task {value}.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("scheduled_at") is not None and attrs.get("delay_ms") is not None:
+            raise serializers.ValidationError(
+                {"delay_ms": ["Give scheduled_at or delay_ms, not both."]}
+            )
+        spec = registry.get(attrs["type"])
+        assert spec is not None  # validate_type ran first
+        problems = spec.validate(attrs.get("payload", {}))
+        if problems:
+            raise serializers.ValidationError({"payload": payload_errors(problems)})
+        return attrs
+
+    def to_spec(self, *, idempotency_key: str | None = None) -> TaskSpec:
+        return build_spec(
+            self.validated_data,
+            idempotency_key=idempotency_key,
+            request_hash=canonical_hash(self.initial_data) if idempotency_key else "",
+        )
+
+
+def build_spec(
+    data: dict[str, Any], *, idempotency_key: str | None = None, request_hash: str = ""
+) -> TaskSpec:
+    return TaskSpec(
+        type=data["type"],
+        payload=data.get("payload", {}),
+        max_retries=data.get("max_retries", settings.QW_DEFAULT_MAX_RETRIES),
+        priority=data.get("priority", 0),
+        timeout_s=data.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
+        scheduled_at=data.get("scheduled_at"),
+        delay_ms=data.get("delay_ms"),
+        parent_id=data.get("parent"),
+        retry_backoff_s=data.get("retry_backoff_s"),
+        retry_backoff_max_s=data.get("retry_backoff_max_s"),
+        retry_jitter=data.get("retry_jitter", True),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+
+
+class BulkItemInput(TaskCreateInput):
+    def validate_idempotency_key(self, value: str | None) -> str | None:
+        if value:
+            raise serializers.ValidationError("Not supported in bulk create.")
+        return value
+
+
+class TaskBulkCreateInput(StrictSerializer):
+    tasks = BulkItemInput(many=True, allow_empty=False)
+
+    def validate_tasks(self, value: list[Any]) -> list[Any]:
+        if len(value) > settings.QW_BULK_MAX:
+            raise serializers.ValidationError(
+                f"At most {settings.QW_BULK_MAX} tasks per call (QW_BULK_MAX), got {len(value)}."
+            )
+        return value
+
+
+class TaskBulkCreateOutput(serializers.Serializer):
+    ids = serializers.ListField(child=serializers.UUIDField())
+
+
+class WaitReasonSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    detail = serializers.CharField()
+    until = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class TaskOutput(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+    wait_reason = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Task
+        fields = [
+            "id", "type", "status", "owner", "payload", "priority", "queue", "retries",
+            "max_retries", "error", "failure_class", "result", "scheduled_at",
+            "next_attempt_at", "timeout_s", "idempotency_key", "parent", "step",
+            "cancel_requested", "attempt", "lease_expires_at", "created_at", "started_at",
+            "finished_at", "wait_reason",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(WaitReasonSerializer(allow_null=True))
+    def get_wait_reason(self, task: Task) -> dict[str, Any] | None:
+        return selectors.wait_reason(task)
+
+
+class TaskDetailOutput(TaskOutput):
+    children = serializers.SerializerMethodField()
+
+    class Meta(TaskOutput.Meta):
+        fields = [*TaskOutput.Meta.fields, "children"]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.ListField(child=serializers.UUIDField()))
+    def get_children(self, task: Task) -> list[str]:
+        return [str(pk) for pk in task.children.order_by("created_at").values_list("pk", flat=True)]
+
+
+class TaskLogOutput(serializers.ModelSerializer):
+    data = serializers.JSONField()
+
+    class Meta:
+        model = TaskLog
+        fields = ["id", "level", "event", "message", "data", "created_at"]
+        read_only_fields = fields

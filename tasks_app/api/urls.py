@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from rest_framework.routers import DefaultRouter
+
+from tasks_app.api.views import TaskViewSet
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("tasks", TaskViewSet, basename="task")
+
+urlpatterns = router.urls

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+
+from tasks_app import selectors, services
+from tasks_app.api.serializers import (
+    TaskBulkCreateInput,
+    TaskBulkCreateOutput,
+    TaskCreateInput,
+    TaskDetailOutput,
+    TaskLogOutput,
+    TaskOutput,
+    build_spec,
+)
+from tasks_app.models import Task, TaskStatus
+
+IDEMPOTENCY_HEADER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="The same key with the same body returns the first task (200); "
+    "with another body, 409. Scoped to the caller, kept QW_IDEMPOTENCY_TTL_HOURS.",
+)
+
+
+class TaskFilter(django_filters.FilterSet):
+    status = django_filters.MultipleChoiceFilter(choices=TaskStatus.choices)
+    type = django_filters.CharFilter()
+    parent = django_filters.UUIDFilter(field_name="parent_id")
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Task
+        fields = ["status", "type", "parent", "created_after", "created_before"]
+
+
+class CreateThrottle(ScopedRateThrottle):
+    """``QW_THROTTLE_CREATE`` for task creation; a bulk call counts once. Off when unset."""
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        if getattr(view, "action", None) not in ("create", "bulk"):
+            return True
+        return super().allow_request(request, view)
+
+
+class TaskViewSet(viewsets.GenericViewSet):
+    """Tasks: create, list, inspect, cancel, retry. Every action is scoped to its caller."""
+
+    filterset_class = TaskFilter
+    ordering_fields = ["created_at", "priority"]
+    ordering = ["-created_at"]
+    throttle_classes = [CreateThrottle]
+    throttle_scope = "create"
+    lookup_value_converter = "uuid"
+
+    def get_queryset(self) -> QuerySet[Task]:
+        return selectors.task_queryset(self.request.user).select_related("owner")
+
+    def _by(self) -> str:
+        return self.request.user.get_username()
+
+    @extend_schema(
+        request=TaskCreateInput,
+        parameters=[IDEMPOTENCY_HEADER],
+        responses={
+            201: TaskDetailOutput,
+            200: OpenApiResponse(TaskDetailOutput, description="Same idempotency key: the task."),
+            409: OpenApiResponse(description="Idempotency key reused with another body."),
+        },
+    )
+    def create(self, request: Request) -> Response:
+        body = TaskCreateInput(data=request.data, context={"request": request})
+        body.is_valid(raise_exception=True)
+        key = _idempotency_key(request, body.validated_data.get("idempotency_key"))
+        task, created = services.task_create(owner=request.user, spec=body.to_spec(idempotency_key=key))
+        return Response(
+            TaskDetailOutput(task).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            headers={"Location": f"/api/tasks/{task.id}/"},
+        )
+
+    @extend_schema(request=TaskBulkCreateInput, responses={201: TaskBulkCreateOutput})
+    @action(detail=False, methods=["post"])
+    def bulk(self, request: Request) -> Response:
+        """Create up to ``QW_BULK_MAX`` tasks in one transaction: all valid or none created."""
+        body = TaskBulkCreateInput(data=request.data, context={"request": request})
+        body.is_valid(raise_exception=True)
+        specs = [build_spec(item) for item in body.validated_data["tasks"]]
+        tasks = services.task_bulk_create(owner=request.user, specs=specs)
+        return Response({"ids": [str(t.id) for t in tasks]}, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses=TaskOutput(many=True))
+    def list(self, request: Request) -> Response:
+        queryset = self.filter_queryset(self.get_queryset())
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response(TaskOutput(page, many=True).data)
+
+    @extend_schema(responses=TaskDetailOutput)
+    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+        return Response(TaskDetailOutput(self.get_object()).data)
+
+    @extend_schema(responses=TaskLogOutput(many=True))
+    @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
+    def logs(self, request: Request, pk: str | None = None) -> Response:
+        """The task's audit trail, oldest first."""
+        return Response(TaskLogOutput(selectors.task_logs(self.get_object()), many=True).data)
+
+    @extend_schema(
+        request=None,
+        responses={
+            200: OpenApiResponse(TaskDetailOutput, description="Cancelled."),
+            202: OpenApiResponse(TaskDetailOutput, description="Running: cancel requested."),
+            409: OpenApiResponse(description="The task has finished."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        result = services.task_cancel(task=self.get_object(), by=self._by())
+        return Response(
+            TaskDetailOutput(result.task).data,
+            status=status.HTTP_202_ACCEPTED if result.requested else status.HTTP_200_OK,
+        )
+
+    @extend_schema(
+        request=None,
+        responses={
+            202: TaskDetailOutput,
+            409: OpenApiResponse(description="Only FAILED or CANCELLED tasks can be retried."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        """FAILED or CANCELLED → PENDING; retries start again from 0."""
+        task = services.task_retry(task=self.get_object(), by=self._by())
+        return Response(TaskDetailOutput(task).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _idempotency_key(request: Request, from_body: str | None) -> str | None:
+    header = request.headers.get("Idempotency-Key")
+    if header is not None:
+        header = header.strip()
+        if not header or len(header) > 255:
+            raise serializers.ValidationError(
+                {"Idempotency-Key": ["Must be 1 to 255 characters."]}
+            )
+        if from_body and from_body != header:
+            raise serializers.ValidationError(
+                {"idempotency_key": ["Differs from the Idempotency-Key header."]}
+            )
+        return header
+    return from_body or None

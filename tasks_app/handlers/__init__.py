@@ -1,0 +1,15 @@
+"""Task handlers: one module per type, registered with ``registry``."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from django.conf import settings
+
+from tasks_app.handlers import noop  # noqa: F401  # registers NOOP
+from tasks_app.handlers.registry import HandlerSpec, registry, register
+
+__all__ = ["HandlerSpec", "register", "registry"]
+
+for _module in getattr(settings, "QW_HANDLER_MODULES", []):
+    import_module(_module)

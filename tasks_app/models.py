@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class TaskStatus(models.TextChoices):
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    RETRYING = "RETRYING"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+WAITING_STATUSES = frozenset({TaskStatus.PENDING, TaskStatus.RETRYING})
+
+
+class FailureClass(models.TextChoices):
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    NON_RETRYABLE = "non_retryable"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    POISON_MESSAGE = "poison_message"
+    INVALID_MESSAGE = "invalid_message"
+
+
+class Task(models.Model):
+    """One unit of typed work. Its status changes only through ``tasks_app.state``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks"
+    )
+    type = models.CharField(max_length=64)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(
+        max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING
+    )
+    priority = models.PositiveSmallIntegerField(default=0)
+    queue = models.CharField(max_length=128)
+    retries = models.PositiveIntegerField(default=0)
+    max_retries = models.PositiveIntegerField(default=3)
+    retry_backoff_s = models.FloatField(null=True, blank=True)
+    retry_backoff_max_s = models.FloatField(null=True, blank=True)
+    retry_jitter = models.BooleanField(default=True)
+    error = models.TextField(blank=True, default="")
+    failure_class = models.CharField(
+        max_length=32, choices=FailureClass.choices, blank=True, default=""
+    )
+    result = models.JSONField(null=True, blank=True)
+    scheduled_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    dispatched_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the current wake-up message is due at a worker; null: not yet published.",
+    )
+    timeout_s = models.PositiveIntegerField(default=300)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True, default="")
+    step = models.CharField(max_length=128, null=True, blank=True)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    cancel_requested = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(
+        default=0, help_text="Fencing token: bumped at each claim; a stale worker cannot finish."
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="task_owner_created"),
+            models.Index(fields=["status", "-created_at"], name="task_status_created"),
+            models.Index(fields=["type", "-created_at"], name="task_type_created"),
+            models.Index(fields=["-created_at"], name="task_created"),
+            # The dispatcher and the sweep look only at non-terminal rows.
+            models.Index(
+                fields=["next_attempt_at"],
+                name="task_waiting_due",
+                condition=Q(status__in=["PENDING", "RETRYING"]),
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                name="task_processing_lease",
+                condition=Q(status="PROCESSING"),
+            ),
+            models.Index(
+                fields=["failure_class", "-finished_at"],
+                name="task_dead_letter",
+                condition=Q(status="FAILED"),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                name="task_owner_idempotency_key",
+                condition=Q(idempotency_key__isnull=False),
+            ),
+            models.CheckConstraint(condition=Q(priority__lte=9), name="task_priority_0_9"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class LogLevel(models.TextChoices):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class TaskLog(models.Model):
+    """One row per lifecycle event: the task's audit trail."""
+
+    id = models.BigAutoField(primary_key=True)
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="logs")
+    level = models.CharField(max_length=8, choices=LogLevel.choices, default=LogLevel.INFO)
+    event = models.CharField(max_length=32)
+    message = models.TextField(blank=True, default="")
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("created_at", "id")
+        indexes = [models.Index(fields=["task", "created_at"], name="tasklog_task_created")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} {self.event}"

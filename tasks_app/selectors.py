@@ -1,0 +1,49 @@
+"""Reads on tasks: owner scoping and the "why is it not running?" explanation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from tasks_app.models import Task, TaskLog, TaskStatus
+
+
+def task_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:
+    """Tasks the user may see: their own, or all for staff (another user's id is a 404)."""
+    qs = Task.objects.all()
+    if not getattr(user, "is_staff", False):
+        qs = qs.filter(owner_id=user.pk)
+    return qs
+
+
+def task_logs(task: Task) -> QuerySet[TaskLog]:
+    return TaskLog.objects.filter(task=task).order_by("created_at", "id")
+
+
+def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | None:
+    """Why a non-terminal task is not (yet) done: ``{code, detail, until?}``; None if terminal."""
+    now = now or timezone.now()
+    if task.status == TaskStatus.PROCESSING:
+        if task.cancel_requested:
+            return {"code": "cancel_requested", "detail": "Cancellation requested; the handler "
+                    "stops at its next check."}
+        return {"code": "running", "detail": f"Running attempt {task.attempt}.",
+                "until": task.lease_expires_at}
+    if task.status == TaskStatus.RETRYING:
+        if task.next_attempt_at and task.next_attempt_at > now:
+            return {"code": "backoff", "detail": f"Retry {task.retries} of {task.max_retries} "
+                    f"after: {task.error}", "until": task.next_attempt_at}
+        return {"code": "queued", "detail": f"Retry {task.retries} is queued on {task.queue}."}
+    if task.status == TaskStatus.PENDING:
+        if task.next_attempt_at and task.next_attempt_at > now:
+            return {"code": "scheduled", "detail": "Scheduled for later.",
+                    "until": task.next_attempt_at}
+        if task.dispatched_at is None:
+            return {"code": "awaiting_dispatch", "detail": "Due; the dispatcher publishes it "
+                    "once the broker accepts messages."}
+        return {"code": "queued", "detail": f"Waiting for a worker on queue {task.queue}."}
+    return None

@@ -1,0 +1,181 @@
+"""Writes on tasks: create (single and bulk), cancel, retry. Views call these, nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from queueworker.errors import Conflict, InvalidTransition
+from tasks_app import dispatch, state
+from tasks_app.models import Task, TaskLog, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A validated create request (see ``tasks_app.api.serializers.TaskCreateInput``)."""
+
+    type: str
+    payload: Any
+    max_retries: int
+    priority: int
+    timeout_s: int
+    scheduled_at: datetime | None = None
+    delay_ms: int | None = None
+    parent_id: Any = None
+    retry_backoff_s: float | None = None
+    retry_backoff_max_s: float | None = None
+    retry_jitter: bool = True
+    idempotency_key: str | None = None
+    request_hash: str = ""
+
+
+def canonical_hash(body: dict[str, Any]) -> str:
+    """sha256 of the create body as canonical JSON, without the idempotency key itself."""
+    material = {k: v for k, v in body.items() if k != "idempotency_key"}
+    encoded = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _build(spec: TaskSpec, owner: AbstractBaseUser, now: datetime) -> Task:
+    due = now
+    if spec.scheduled_at is not None:
+        due = max(now, spec.scheduled_at)
+    elif spec.delay_ms:
+        due = now + timedelta(milliseconds=spec.delay_ms)
+    immediate = due <= now
+    return Task(
+        owner=owner,
+        type=spec.type,
+        payload=spec.payload,
+        priority=spec.priority,
+        queue=settings.QW_TYPE_ROUTES.get(spec.type, settings.CELERY_TASK_DEFAULT_QUEUE),
+        max_retries=spec.max_retries,
+        timeout_s=spec.timeout_s,
+        scheduled_at=spec.scheduled_at,
+        next_attempt_at=due,
+        # Delayed work waits in the database; the dispatcher publishes it when due.
+        dispatched_at=now if immediate else None,
+        parent_id=spec.parent_id,
+        retry_backoff_s=spec.retry_backoff_s,
+        retry_backoff_max_s=spec.retry_backoff_max_s,
+        retry_jitter=spec.retry_jitter,
+        idempotency_key=spec.idempotency_key,
+        request_hash=spec.request_hash,
+        created_at=now,
+    )
+
+
+def _created_log(task: Task, by: str) -> TaskLog:
+    delayed = task.dispatched_at is None
+    message = f"created by {by}" + (f", due at {task.next_attempt_at:%Y-%m-%dT%H:%M:%S.%fZ}" if delayed else "")
+    return TaskLog(
+        task=task,
+        event="created",
+        message=message,
+        data={"by": by, "queue": task.queue, "priority": task.priority},
+    )
+
+
+def task_create(*, owner: AbstractBaseUser, spec: TaskSpec) -> tuple[Task, bool]:
+    """Create one task; with an idempotency key, return the earlier task instead (created=False).
+
+    Raises ``Conflict`` when the key was used with a different body within its TTL.
+    """
+    now = timezone.now()
+    if spec.idempotency_key:
+        earlier = _earlier_with_key(owner, spec, now)
+        if earlier is not None:
+            return earlier, False
+    task = _build(spec, owner, now)
+    try:
+        with transaction.atomic():
+            task.save(force_insert=True)
+            _created_log(task, owner.get_username()).save(force_insert=True)
+            if task.dispatched_at is not None:
+                dispatch.publish_on_commit([dispatch.wakeup_for(task)])
+    except IntegrityError:
+        if not spec.idempotency_key:
+            raise
+        # Two requests with the same key raced; the other one inserted first.
+        earlier = _earlier_with_key(owner, spec, now)
+        if earlier is None:
+            raise
+        return earlier, False
+    return task, True
+
+
+def _earlier_with_key(owner: AbstractBaseUser, spec: TaskSpec, now: datetime) -> Task | None:
+    earlier = Task.objects.filter(owner=owner, idempotency_key=spec.idempotency_key).first()
+    if earlier is None:
+        return None
+    if earlier.created_at < now - timedelta(hours=settings.QW_IDEMPOTENCY_TTL_HOURS):
+        # The key has expired: release it so that it can name a new task.
+        Task.objects.filter(pk=earlier.pk, idempotency_key=spec.idempotency_key).update(
+            idempotency_key=None
+        )
+        return None
+    if earlier.request_hash != spec.request_hash:
+        raise Conflict(
+            {
+                "idempotency_key": [
+                    "This key was already used with a different request body "
+                    f"(task {earlier.id})."
+                ]
+            }
+        )
+    return earlier
+
+
+def task_bulk_create(*, owner: AbstractBaseUser, specs: Sequence[TaskSpec]) -> list[Task]:
+    """Create all tasks in one transaction (all or none), then publish them in one batch."""
+    now = timezone.now()
+    tasks = [_build(spec, owner, now) for spec in specs]
+    by = owner.get_username()
+    with transaction.atomic():
+        Task.objects.bulk_create(tasks, batch_size=1000)
+        TaskLog.objects.bulk_create([_created_log(t, by) for t in tasks], batch_size=1000)
+        dispatch.publish_on_commit(
+            [dispatch.wakeup_for(t) for t in tasks if t.dispatched_at is not None]
+        )
+    return tasks
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    task: Task
+    requested: bool  # True: the task is running and will stop at its next check
+
+
+def task_cancel(*, task: Task, by: str) -> CancelResult:
+    cancelled = state.cancel(task.id, by=by)
+    if cancelled is not None:
+        return CancelResult(cancelled, requested=False)
+    if state.request_cancel(task.id, by=by):
+        return CancelResult(Task.objects.get(pk=task.pk), requested=True)
+    current = Task.objects.get(pk=task.pk)
+    if current.status == TaskStatus.PROCESSING and current.cancel_requested:
+        return CancelResult(current, requested=True)
+    raise InvalidTransition({"detail": f"Cannot cancel a task that is {current.status}."})
+
+
+def task_retry(*, task: Task, by: str, reason: str = "manual retry", payload: Any = None) -> Task:
+    """FAILED/CANCELLED → PENDING with retries from 0, published after commit."""
+    with transaction.atomic():
+        requeued = state.requeue(task.id, by=by, reason=reason, payload=payload)
+        if requeued is None:
+            current = Task.objects.get(pk=task.pk)
+            raise InvalidTransition({"detail": f"Cannot retry a task that is {current.status}."})
+        dispatch.publish_on_commit([dispatch.wakeup_for(requeued)])
+    return requeued

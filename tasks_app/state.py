@@ -1,0 +1,366 @@
+"""The task state machine: every status change is one guarded UPDATE plus its TaskLog row.
+
+Each function applies one transition of ``tasks_app.transitions.TRANSITIONS`` as
+
+    UPDATE task SET status = <target>, … WHERE id = %s AND status IN (<sources>)
+                                              [AND attempt = %s] [AND …] RETURNING *
+
+and writes the log row in the same transaction. A row count of zero means another actor got
+there first (a duplicate message, a late worker, a concurrent cancel); the caller then does
+nothing. On PostgreSQL the UPDATE and the log INSERT are one statement (a data-modifying CTE),
+so a transition costs one round trip and one commit; elsewhere they run in one ``atomic`` block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from queueworker.errors import InvalidTransition
+from tasks_app.models import LogLevel, Task, TaskLog, TaskStatus
+from tasks_app.transitions import TRANSITIONS, Transition
+
+__all__ = [
+    "LogEntry",
+    "apply",
+    "cancel",
+    "cancel_running",
+    "claim",
+    "complete",
+    "expire_lease",
+    "fail",
+    "request_cancel",
+    "requeue",
+    "schedule_retry",
+]
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A SQL expression assigned to a column (``attempt + 1``), with its own parameters."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    message: str = ""
+    level: str = LogLevel.INFO
+    data: dict[str, Any] = field(default_factory=dict)
+    event: str | None = None  # defaults to the transition's event
+
+
+_COLUMNS = [f.column for f in Task._meta.concrete_fields]
+
+
+def _prep(name: str, value: Any) -> Any:
+    return Task._meta.get_field(name).get_db_prep_save(value, connection)
+
+
+def apply(
+    task_id: Any,
+    transition: Transition,
+    *,
+    values: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    where: Expr | None = None,
+    log: LogEntry | None = None,
+    now: datetime | None = None,
+) -> Task | None:
+    """Apply ``transition`` to one task if its guard holds; return the updated row or None."""
+    rule = TRANSITIONS[transition]
+    if rule.fenced and attempt is None:
+        raise ValueError(f"{transition} is fenced: pass the attempt that claimed the task")
+    now = now or timezone.now()
+    qn = connection.ops.quote_name
+    assignments = {"status": rule.target, **(values or {})}
+    sets: list[str] = []
+    params: list[Any] = []
+    for name, value in assignments.items():
+        column = qn(Task._meta.get_field(name).column)
+        if isinstance(value, Expr):
+            sets.append(f"{column} = {value.sql}")
+            params.extend(value.params)
+        else:
+            sets.append(f"{column} = %s")
+            params.append(_prep(name, value))
+    sources = sorted(rule.sources)
+    conditions = [f"{qn('id')} = %s", f"{qn('status')} IN ({', '.join(['%s'] * len(sources))})"]
+    params.append(_prep("id", task_id))
+    params.extend(sources)
+    if rule.fenced:
+        conditions.append(f"{qn('attempt')} = %s")
+        params.append(attempt)
+    if where is not None:
+        conditions.append(f"({where.sql})")
+        params.extend(where.params)
+    table = qn(Task._meta.db_table)
+    returning = ", ".join(qn(c) for c in _COLUMNS)
+    update = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"
+
+    log = log or LogEntry()
+    event = log.event or rule.event
+    log_table = qn(TaskLog._meta.db_table)
+    log_params = [log.level, event, log.message]
+    if connection.vendor == "postgresql":
+        sql = (
+            f"WITH t AS ({update} RETURNING {returning}), "
+            f"l AS (INSERT INTO {log_table} (task_id, level, event, message, data, created_at) "
+            f"SELECT t.id, %s, %s, %s, %s::jsonb || jsonb_build_object('attempt', t.attempt), %s "
+            f"FROM t) SELECT * FROM t"
+        )
+        rows = list(
+            Task.objects.raw(sql, [*params, *log_params, json.dumps(log.data), now])
+        )
+        return rows[0] if rows else None
+    with transaction.atomic():
+        rows = list(Task.objects.raw(f"{update} RETURNING {returning}", params))
+        if not rows:
+            return None
+        TaskLog.objects.create(
+            task_id=rows[0].id,
+            level=log.level,
+            event=event,
+            message=log.message,
+            data={**log.data, "attempt": rows[0].attempt},
+        )
+        return rows[0]
+
+
+def claim(
+    task_id: Any, *, lease_s: float, worker: str = "", now: datetime | None = None
+) -> Task | None:
+    """PENDING/RETRYING → PROCESSING for a task that is due; bumps the fencing token."""
+    now = now or timezone.now()
+    qn = connection.ops.quote_name
+    due_by = now + timedelta(seconds=1)  # a countdown's ETA may fire a moment early
+    return apply(
+        task_id,
+        Transition.CLAIM,
+        values={
+            "attempt": Expr(f"{qn('attempt')} + 1"),
+            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "started_at": Expr(f"COALESCE({qn('started_at')}, %s)", (_prep("started_at", now),)),
+        },
+        where=Expr(
+            f"{qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s",
+            (_prep("next_attempt_at", due_by),),
+        ),
+        log=LogEntry(message=f"started on {worker}" if worker else "started", data={"worker": worker}),
+        now=now,
+    )
+
+
+def complete(task_id: Any, attempt: int, result: Any, *, now: datetime | None = None) -> bool:
+    now = now or timezone.now()
+    return (
+        apply(
+            task_id,
+            Transition.COMPLETE,
+            attempt=attempt,
+            values={
+                "result": result,
+                "finished_at": now,
+                "lease_expires_at": None,
+                "error": "",
+                "failure_class": "",
+            },
+            log=LogEntry(message="completed"),
+            now=now,
+        )
+        is not None
+    )
+
+
+def schedule_retry(
+    task_id: Any,
+    attempt: int,
+    *,
+    error: str,
+    delay_s: float,
+    published: bool,
+    transition: Transition = Transition.SCHEDULE_RETRY,
+    now: datetime | None = None,
+) -> Task | None:
+    """PROCESSING → RETRYING; ``published``: a countdown message will wake it (else the dispatcher)."""
+    now = now or timezone.now()
+    due = now + timedelta(seconds=delay_s)
+    qn = connection.ops.quote_name
+    return apply(
+        task_id,
+        transition,
+        attempt=attempt,
+        values={
+            "retries": Expr(f"{qn('retries')} + 1"),
+            "next_attempt_at": due,
+            "dispatched_at": due if published else None,
+            "lease_expires_at": None,
+            "error": error,
+        },
+        log=LogEntry(
+            level=LogLevel.WARNING,
+            message=f"{error} — retrying in {delay_s:.3f}s",
+            data={"delay_s": round(delay_s, 3), "error": error},
+        ),
+        now=now,
+    )
+
+
+def fail(
+    task_id: Any,
+    attempt: int,
+    *,
+    error: str,
+    failure_class: str,
+    transition: Transition = Transition.FAIL,
+    now: datetime | None = None,
+) -> Task | None:
+    now = now or timezone.now()
+    return apply(
+        task_id,
+        transition,
+        attempt=attempt,
+        values={
+            "error": error,
+            "failure_class": failure_class,
+            "finished_at": now,
+            "lease_expires_at": None,
+        },
+        log=LogEntry(
+            level=LogLevel.ERROR,
+            message=error,
+            data={"failure_class": failure_class},
+        ),
+        now=now,
+    )
+
+
+def cancel_running(task_id: Any, attempt: int, *, now: datetime | None = None) -> bool:
+    now = now or timezone.now()
+    return (
+        apply(
+            task_id,
+            Transition.CANCEL_RUNNING,
+            attempt=attempt,
+            values={"finished_at": now, "lease_expires_at": None},
+            log=LogEntry(message="cancelled while running"),
+            now=now,
+        )
+        is not None
+    )
+
+
+def cancel(task_id: Any, *, by: str = "", now: datetime | None = None) -> Task | None:
+    """PENDING/RETRYING → CANCELLED at once."""
+    now = now or timezone.now()
+    return apply(
+        task_id,
+        Transition.CANCEL,
+        values={"finished_at": now, "next_attempt_at": None},
+        log=LogEntry(message=f"cancelled by {by}" if by else "cancelled", data={"by": by}),
+        now=now,
+    )
+
+
+def request_cancel(task_id: Any, *, by: str = "") -> bool:
+    """Flag a PROCESSING task; its handler stops at its next check. Not a status change."""
+    with transaction.atomic():
+        updated = Task.objects.filter(
+            id=task_id, status=TaskStatus.PROCESSING, cancel_requested=False
+        ).update(cancel_requested=True)
+        if updated:
+            TaskLog.objects.create(
+                task_id=task_id,
+                event="cancel_requested",
+                message=f"cancellation requested by {by}" if by else "cancellation requested",
+                data={"by": by},
+            )
+    return bool(updated)
+
+
+def requeue(
+    task_id: Any,
+    *,
+    by: str = "",
+    reason: str = "manual retry",
+    payload: Any = None,
+    now: datetime | None = None,
+) -> Task | None:
+    """FAILED/CANCELLED → PENDING, retries from 0 (manual retry, redrive)."""
+    now = now or timezone.now()
+    values: dict[str, Any] = {
+        "retries": 0,
+        "error": "",
+        "failure_class": "",
+        "result": None,
+        "cancel_requested": False,
+        "next_attempt_at": now,
+        "dispatched_at": now,
+        "lease_expires_at": None,
+        "finished_at": None,
+    }
+    data: dict[str, Any] = {"by": by, "reason": reason}
+    if payload is not None:
+        values["payload"] = payload
+        data["payload_edited"] = True
+    return apply(
+        task_id,
+        Transition.REQUEUE,
+        values=values,
+        log=LogEntry(message=f"{reason} by {by}" if by else reason, data=data),
+        now=now,
+    )
+
+
+def expire_lease(
+    task: Task, *, retry: bool, delay_s: float, now: datetime | None = None
+) -> Task | None:
+    """PROCESSING with an expired lease: the worker died; count it as a failed attempt."""
+    now = now or timezone.now()
+    error = "worker lost: the lease expired before the task finished"
+    qn = connection.ops.quote_name
+    lease_guard = Expr(f"{qn('lease_expires_at')} < %s", (_prep("lease_expires_at", now),))
+    if retry:
+        return apply(
+            task.id,
+            Transition.EXPIRE_LEASE_RETRY,
+            attempt=task.attempt,
+            where=lease_guard,
+            values={
+                "retries": Expr(f"{qn('retries')} + 1"),
+                "next_attempt_at": now + timedelta(seconds=delay_s),
+                "dispatched_at": None,
+                "lease_expires_at": None,
+                "error": error,
+            },
+            log=LogEntry(
+                level=LogLevel.WARNING,
+                message=f"{error}; retrying in {delay_s:.3f}s",
+                data={"delay_s": round(delay_s, 3)},
+            ),
+            now=now,
+        )
+    return apply(
+        task.id,
+        Transition.EXPIRE_LEASE_FAIL,
+        attempt=task.attempt,
+        where=lease_guard,
+        values={
+            "error": error,
+            "failure_class": "worker_lost",
+            "finished_at": now,
+            "lease_expires_at": None,
+        },
+        log=LogEntry(level=LogLevel.ERROR, message=error, data={"failure_class": "worker_lost"}),
+        now=now,
+    )
+
+
+def refuse(task: Task, action: str) -> InvalidTransition:
+    return InvalidTransition({"detail": f"Cannot {action} a task that is {task.status}."})

@@ -1,0 +1,60 @@
+"""Celery entry points: thin wrappers that load ids from the message and call one service."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery import Task as CeleryTask
+from celery.exceptions import Reject
+from django.db import InterfaceError, OperationalError
+
+from queueworker.messaging import DEFAULT_QUEUE
+from queueworker.tasking import instrumented_task
+from tasks_app import worker
+from tasks_app.dispatch import EXECUTE_TASK
+from tasks_app.models import Task
+
+logger = logging.getLogger(__name__)
+
+DB_RETRY_MAX = 100
+DB_RETRY_CAP_S = 10
+
+
+@instrumented_task(name=EXECUTE_TASK, queue=DEFAULT_QUEUE, bind=True, max_retries=DB_RETRY_MAX)
+def execute_task(
+    self: CeleryTask,
+    taskType: str,  # noqa: N803  # message field names are part of the contract
+    taskId: str,  # noqa: N803
+    delay: float = 0,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Run one task: the message is a wake-up; the database row says what to do."""
+    try:
+        task_id = str(uuid.UUID(str(taskId)))
+    except ValueError:
+        raise Reject(f"invalid taskId {taskId!r}", requeue=False) from None
+    timeout_s = _timeout_from(metadata)
+    hostname = self.request.hostname or ""
+    try:
+        outcome = worker.run(task_id, timeout_s=timeout_s, worker=hostname)
+        if outcome.status == "skipped" and not Task.objects.filter(id=task_id).exists():
+            raise Reject(f"no task {task_id}", requeue=False)
+    except (OperationalError, InterfaceError) as exc:
+        # The database is restarting or unreachable: wait and try again; the row is unchanged.
+        countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+        logger.warning("database unavailable for task %s, retrying in %ss", task_id, countdown)
+        raise self.retry(exc=exc, countdown=countdown) from exc
+    logger.debug("task %s %s %s", task_id, outcome.status, outcome.detail)
+    return outcome.status
+
+
+def _timeout_from(metadata: dict[str, Any] | None) -> int:
+    from django.conf import settings
+
+    try:
+        value = int((metadata or {}).get("timeout_s", settings.QW_MAX_TIMEOUT_S))
+    except (TypeError, ValueError):
+        value = settings.QW_MAX_TIMEOUT_S
+    return max(1, min(value, settings.QW_MAX_TIMEOUT_S))

@@ -1,0 +1,145 @@
+"""The worker pipeline: claim → run the handler under its time limit → record the outcome.
+
+1. Claim: PENDING/RETRYING → PROCESSING, bumping ``attempt`` (the fencing token) and taking a
+   lease of the task's time limit plus ``QW_LEASE_SECONDS``. A message for a task that is not
+   due, already running or finished claims nothing and is dropped: the database decides.
+2. Run the type's handler with a ``TaskContext``; Celery's soft time limit interrupts it.
+3. Record: COMPLETED with the result; or classify the error — retryable with retries left →
+   RETRYING after exponential backoff with full jitter (short waits ride a countdown message,
+   long ones wait in the database for the dispatcher); anything else → FAILED with its
+   ``failure_class``, which is the dead-letter record.
+Every write of steps 1 and 3 is fenced by the attempt, so a late or duplicated delivery
+never completes a task twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from tasks_app import dispatch, state
+from tasks_app.backoff import backoff_delay
+from tasks_app.errors import PermanentError, RetryableError, TaskCancelled
+from tasks_app.handlers import registry
+from tasks_app.models import FailureClass, Task, TaskLog
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+
+
+class TaskContext:
+    """What a handler sees of its task while it runs."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.task_id = task.id
+        self.attempt = task.attempt
+        self.retries = task.retries
+        self.max_retries = task.max_retries
+        self.timeout_s = task.timeout_s
+
+    def check_cancelled(self) -> None:
+        """Raise ``TaskCancelled`` if a cancel was requested since the task started."""
+        if Task.objects.filter(id=self.task_id, cancel_requested=True).exists():
+            raise TaskCancelled("cancellation requested")
+
+    def log(self, event: str, message: str, data: dict[str, Any] | None = None) -> None:
+        TaskLog.objects.create(
+            task_id=self.task_id,
+            event=event,
+            message=message,
+            data={**(data or {}), "attempt": self.attempt},
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # completed | retrying | failed | cancelled | skipped | stale
+    detail: str = ""
+
+
+def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
+    lease_s = timeout_s + settings.QW_LEASE_SECONDS
+    task = state.claim(task_id, lease_s=lease_s, worker=worker)
+    if task is None:
+        return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
+    if task.cancel_requested:
+        state.cancel_running(task.id, task.attempt)
+        return Outcome("cancelled", "cancel requested before start")
+    spec = registry.get(task.type)
+    if spec is None:
+        return _finish_failed(task, f"no handler registered for type {task.type}", retryable=False)
+    try:
+        result = spec.func(TaskContext(task), task.payload)
+    except TaskCancelled:
+        if state.cancel_running(task.id, task.attempt):
+            return Outcome("cancelled")
+        return Outcome("stale", "cancelled, but the task had moved on")
+    except SoftTimeLimitExceeded:
+        return _finish_failed(
+            task,
+            f"timed out after {task.timeout_s}s",
+            retryable=True,
+            failure_class=FailureClass.TIMEOUT,
+        )
+    except RetryableError as exc:
+        return _finish_failed(task, str(exc), retryable=True, retry_after=exc.retry_after)
+    except PermanentError as exc:
+        return _finish_failed(task, str(exc), retryable=False)
+    except Exception as exc:
+        # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
+        logger.exception("handler %s raised", task.type, extra={"task_id": str(task.id)})
+        return _finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
+    try:
+        json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return _finish_failed(task, f"result is not JSON: {exc}", retryable=False)
+    if state.complete(task.id, task.attempt, result):
+        return Outcome("completed")
+    return Outcome("stale", "completion discarded: the task had moved on")
+
+
+def _finish_failed(
+    task: Task,
+    error: str,
+    *,
+    retryable: bool,
+    retry_after: float | None = None,
+    failure_class: str = FailureClass.RETRIES_EXHAUSTED,
+) -> Outcome:
+    error = error[:MAX_ERROR_CHARS]
+    if retryable and task.retries < task.max_retries:
+        delay = retry_delay(task, retry_after=retry_after)
+        published = delay <= settings.QW_ETA_MAX_SECONDS
+        updated = state.schedule_retry(
+            task.id, task.attempt, error=error, delay_s=delay, published=published
+        )
+        if updated is None:
+            return Outcome("stale", "retry discarded: the task had moved on")
+        if published:
+            dispatch.publish([dispatch.wakeup_for(updated, countdown=delay)])
+        return Outcome("retrying", f"in {delay:.3f}s")
+    final_class = failure_class if retryable else FailureClass.NON_RETRYABLE
+    if state.fail(task.id, task.attempt, error=error, failure_class=final_class) is None:
+        return Outcome("stale", "failure discarded: the task had moved on")
+    return Outcome("failed", final_class)
+
+
+def retry_delay(task: Task, *, retry_after: float | None = None) -> float:
+    return backoff_delay(
+        task.retries,
+        base_s=task.retry_backoff_s
+        if task.retry_backoff_s is not None
+        else settings.QW_BACKOFF_BASE_S,
+        cap_s=task.retry_backoff_max_s
+        if task.retry_backoff_max_s is not None
+        else settings.QW_BACKOFF_CAP_S,
+        jitter=task.retry_jitter,
+        retry_after=retry_after,
+    )
