@@ -1,0 +1,45 @@
+# QueueWorker: `make run` starts the service, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_WORKERS ?= 2
+
+.PHONY: install run migrate test test-unit test-integration lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: install
+	$(BIN)/python manage.py migrate --no-input
+
+run: migrate
+	$(BIN)/python manage.py collectstatic --no-input -v0
+	$(BIN)/python manage.py qw_banner
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/honcho start -f Procfile
+
+test: install
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit -n $(PYTEST_WORKERS)
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration tests/e2e -n $(PYTEST_WORKERS) --dist loadfile
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy queueworker tasks_app workflows_app
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
