@@ -47,3 +47,8 @@ def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | Non
                     "once the broker accepts messages."}
         return {"code": "queued", "detail": f"Waiting for a worker on queue {task.queue}."}
     return None
+
+
+def dead_letter_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:
+    """Tasks that failed for good: the dead-letter records, newest first."""
+    return task_queryset(user).filter(status=TaskStatus.FAILED).order_by("-finished_at")

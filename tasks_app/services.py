@@ -179,3 +179,17 @@ def task_retry(*, task: Task, by: str, reason: str = "manual retry", payload: An
             raise InvalidTransition({"detail": f"Cannot retry a task that is {current.status}."})
         dispatch.publish_on_commit([dispatch.wakeup_for(requeued)])
     return requeued
+
+
+def dead_letter_redrive(
+    *, tasks: Sequence[Task], by: str, payload: Any = None
+) -> list[Task]:
+    """Send dead-lettered (FAILED) tasks back to PENDING; one batch publish after commit."""
+    requeued: list[Task] = []
+    with transaction.atomic():
+        for task in tasks:
+            updated = state.requeue(task.id, by=by, reason="redrive", payload=payload)
+            if updated is not None:
+                requeued.append(updated)
+        dispatch.publish_on_commit([dispatch.wakeup_for(t) for t in requeued])
+    return requeued

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from rest_framework.routers import DefaultRouter
 
+from tasks_app.api.queues import DeadLetterViewSet
 from tasks_app.api.views import TaskViewSet
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("tasks", TaskViewSet, basename="task")
+router.register("queues/dead-letter", DeadLetterViewSet, basename="dead-letter")
 
 urlpatterns = router.urls
