@@ -8,6 +8,7 @@ without one, on the bytes actually read.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 from django.conf import settings
@@ -37,13 +38,19 @@ class BodySizeLimitMiddleware:
         if length is not None and length > limit:
             return too_large_response()
         if length is None and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            # Django bounds request.read() by Content-Length (absent here): read the server's
+            # stream, which gunicorn terminates at the end of the chunked body.
+            meta = request.META
+            source = meta["wsgi.input"] if meta.get("wsgi.input_terminated") else request
             try:
-                body = request.read(limit + 1)
+                body = source.read(limit + 1)
             except RequestDataTooBig:
                 return too_large_response()
             if len(body) > limit:
                 return too_large_response()
             request._body = body  # type: ignore[attr-defined]  # Django's cached body
+            request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+            meta["CONTENT_LENGTH"] = str(len(body))  # DRF parses no body of unknown length
         try:
             return self.get_response(request)
         except RequestDataTooBig:

@@ -160,17 +160,18 @@ if QW_DEFAULT_TIMEOUT_S > QW_MAX_TIMEOUT_S:
 DATA_UPLOAD_MAX_MEMORY_SIZE = QW_MAX_PAYLOAD_BYTES
 
 # --- Celery ------------------------------------------------------------------------------------
-EMBEDDED_BROKER_URL = "filesystem://"
+EMBEDDED_BROKER_URL = "filesystem://localhost//"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", EMBEDDED_BROKER_URL)
 IS_EMBEDDED_BROKER = CELERY_BROKER_URL.startswith("filesystem:")
 if IS_EMBEDDED_BROKER:
     _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 elif CELERY_BROKER_URL.startswith(("amqp:", "amqps:", "pyamqp:")):

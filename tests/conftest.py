@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_QUEUES = "http.request,data.processing,compensation,task.created"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    from django.conf import settings
+
+    # Factories hash a password per user; PBKDF2 would cost ~0.5 s each on two cores.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not session_env.MISSING:
         return

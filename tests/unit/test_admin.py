@@ -16,11 +16,6 @@ pytestmark = pytest.mark.django_db
 CHANGELIST = "/admin/tasks_app/task/"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def admin_client_(staff_user) -> Client:
     client = Client()
@@ -48,7 +43,10 @@ def test_changelist_loads_with_filters(admin_client_, user):
     assert response.status_code == 200
     changelist = response.context["cl"]
     assert {spec.field_path for spec in changelist.filter_specs} >= {
-        "status", "type", "queue", "created_at"
+        "status",
+        "type",
+        "queue",
+        "created_at",
     }
     assert changelist.result_count == 1
 

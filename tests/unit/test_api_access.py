@@ -33,11 +33,6 @@ TASK_PATHS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def _call(client: APIClient, method: str, path: str) -> Any:
     if method == "post":
         return client.post(path, {"type": "NOOP", "tasks": [{"type": "NOOP"}]}, format="json")
@@ -213,8 +208,17 @@ def test_schema_documents_request_bodies():
         return components[ref.rsplit("/", 1)[-1]]
 
     create = body_schema("/api/tasks/")
-    assert {"type", "payload", "max_retries", "priority", "scheduled_at", "delay_ms",
-            "timeout_s", "parent", "idempotency_key"} <= set(create["properties"])
+    assert {
+        "type",
+        "payload",
+        "max_retries",
+        "priority",
+        "scheduled_at",
+        "delay_ms",
+        "timeout_s",
+        "parent",
+        "idempotency_key",
+    } <= set(create["properties"])
     assert create["required"] == ["type"]
     bulk = body_schema("/api/tasks/bulk/")
     assert bulk["required"] == ["tasks"]

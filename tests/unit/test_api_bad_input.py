@@ -22,11 +22,6 @@ pytestmark = pytest.mark.django_db
 DEEP = 10_000
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def nothing_written(user) -> Iterator[None]:
     """Assert that the test leaves the Task and TaskLog tables as it found them."""
@@ -59,20 +54,21 @@ def _post_raw(api, body: bytes | str, path: str = "/api/tasks/", **extra: Any) -
         pytest.param(b"[1, 2]", "non_field_errors", "dictionary", id="array"),
         pytest.param(b'"NOOP"', "non_field_errors", "dictionary", id="string"),
         pytest.param(b"null", "non_field_errors", "", id="null"),
+        pytest.param(b'{"type": "NOOP", "payload": {"result": NaN}}', "detail", "NaN", id="nan"),
         pytest.param(
-            b'{"type": "NOOP", "payload": {"result": NaN}}', "detail", "NaN", id="nan"
-        ),
-        pytest.param(
-            b'{"type": "NOOP", "payload": {"result": -Infinity}}', "detail", "Infinity",
+            b'{"type": "NOOP", "payload": {"result": -Infinity}}',
+            "detail",
+            "Infinity",
             id="infinity",
         ),
-        pytest.param(
-            ("[" * DEEP + "]" * DEEP).encode(), "detail", "nested", id="deep-array"
-        ),
+        pytest.param(("[" * DEEP + "]" * DEEP).encode(), "detail", "nested", id="deep-array"),
         pytest.param(
             (
                 '{"type": "NOOP", "payload": {"result": '
-                + '{"a": ' * DEEP + "1" + "}" * DEEP + "}}"
+                + '{"a": ' * DEEP
+                + "1"
+                + "}" * DEEP
+                + "}}"
             ).encode(),
             "detail",
             "nested",
@@ -113,10 +109,16 @@ FIELD_CASES: list[Any] = [
     pytest.param({}, ["type"], id="no-type"),
     pytest.param({"type": "NOPE"}, ["type"], id="unknown-type"),
     pytest.param({"type": None}, ["type"], id="null-type"),
-    pytest.param({"type": "NOOP", "payload": {"sleep_ms": -1}}, ["payload", "sleep_ms"],
-                 id="payload-negative-sleep"),
-    pytest.param({"type": "NOOP", "payload": {"sleep_ms": "soon"}}, ["payload", "sleep_ms"],
-                 id="payload-wrong-type"),
+    pytest.param(
+        {"type": "NOOP", "payload": {"sleep_ms": -1}},
+        ["payload", "sleep_ms"],
+        id="payload-negative-sleep",
+    ),
+    pytest.param(
+        {"type": "NOOP", "payload": {"sleep_ms": "soon"}},
+        ["payload", "sleep_ms"],
+        id="payload-wrong-type",
+    ),
     pytest.param({"type": "NOOP", "payload": {"bogus": 1}}, ["payload"], id="payload-unknown-key"),
     pytest.param({"type": "NOOP", "payload": [1]}, ["payload"], id="payload-not-object"),
     pytest.param({"type": "NOOP", "colour": "red"}, ["colour"], id="unknown-top-level-field"),
@@ -133,13 +135,18 @@ FIELD_CASES: list[Any] = [
         id="scheduled-at-and-delay",
     ),
     pytest.param({"type": "NOOP", "delay_ms": -1}, ["delay_ms"], id="delay-negative"),
-    pytest.param({"type": "NOOP", "scheduled_at": "tomorrow"}, ["scheduled_at"],
-                 id="scheduled-at-not-a-date"),
+    pytest.param(
+        {"type": "NOOP", "scheduled_at": "tomorrow"}, ["scheduled_at"], id="scheduled-at-not-a-date"
+    ),
     pytest.param({"type": "NOOP", "parent": "not-a-uuid"}, ["parent"], id="parent-not-uuid"),
-    pytest.param({"type": "NOOP", "idempotency_key": "k" * 256}, ["idempotency_key"],
-                 id="idempotency-key-too-long"),
-    pytest.param({"type": "NOOP", "retry_backoff_s": -1}, ["retry_backoff_s"],
-                 id="backoff-negative"),
+    pytest.param(
+        {"type": "NOOP", "idempotency_key": "k" * 256},
+        ["idempotency_key"],
+        id="idempotency-key-too-long",
+    ),
+    pytest.param(
+        {"type": "NOOP", "retry_backoff_s": -1}, ["retry_backoff_s"], id="backoff-negative"
+    ),
 ]
 
 
@@ -162,9 +169,7 @@ def test_invalid_field_answers_400_naming_it(api, settings, nothing_written, bod
 
 
 def test_unknown_payload_key_is_named_in_the_message(api, nothing_written):
-    response = api.post(
-        "/api/tasks/", {"type": "NOOP", "payload": {"bogus": 1}}, format="json"
-    )
+    response = api.post("/api/tasks/", {"type": "NOOP", "payload": {"bogus": 1}}, format="json")
 
     assert response.status_code == 400
     assert "bogus" in json.dumps(response.json()["payload"])
@@ -182,9 +187,7 @@ def test_unknown_type_lists_the_known_ones(api, nothing_written):
     ids=["too-long", "blank"],
 )
 def test_invalid_idempotency_header_answers_400(api, nothing_written, header, field):
-    response = api.post(
-        "/api/tasks/", {"type": "NOOP"}, format="json", HTTP_IDEMPOTENCY_KEY=header
-    )
+    response = api.post("/api/tasks/", {"type": "NOOP"}, format="json", HTTP_IDEMPOTENCY_KEY=header)
 
     assert response.status_code == 400
     assert field in response.json()
@@ -197,10 +200,16 @@ def test_invalid_idempotency_header_answers_400(api, nothing_written, header, fi
         pytest.param({"tasks": []}, ["tasks"], id="empty"),
         pytest.param({"tasks": {"type": "NOOP"}}, ["tasks"], id="not-a-list"),
         pytest.param({"tasks": [{"type": "NOOP"}], "extra": 1}, ["extra"], id="unknown-field"),
-        pytest.param({"tasks": [{"type": "NOOP", "idempotency_key": "k"}]},
-                     ["tasks", "0", "idempotency_key"], id="item-idempotency-key"),
-        pytest.param({"tasks": [{"type": "NOOP"}, {"type": "NOOP", "priority": 10}]},
-                     ["tasks", "1", "priority"], id="item-priority"),
+        pytest.param(
+            {"tasks": [{"type": "NOOP", "idempotency_key": "k"}]},
+            ["tasks", "0", "idempotency_key"],
+            id="item-idempotency-key",
+        ),
+        pytest.param(
+            {"tasks": [{"type": "NOOP"}, {"type": "NOOP", "priority": 10}]},
+            ["tasks", "1", "priority"],
+            id="item-priority",
+        ),
     ],
 )
 def test_invalid_bulk_answers_400_naming_field(api, nothing_written, body, path):
@@ -251,31 +260,27 @@ def test_invalid_content_length_answers_400(api, nothing_written):
     assert "Content-Length" in response.json()["detail"]
 
 
-CHUNKED_BUG = (
-    "BodySizeLimitMiddleware reads a chunked body through request.read(), which under WSGI is "
-    "LimitedStream(CONTENT_LENGTH or 0) and yields b'', and leaves CONTENT_LENGTH unset, so "
-    "DRF parses no body at all: the request answers 400 'type: required' instead of 413 / 201"
-)
 
 
 def _wsgi_post_without_length(api, body: bytes) -> Any:
     """POST ``body`` as gunicorn presents a chunked request: no CONTENT_LENGTH, the de-chunked
     stream in ``wsgi.input`` and ``wsgi.input_terminated`` set."""
     return api.post(
-        "/api/tasks/", body, content_type="application/json", CONTENT_LENGTH="",
+        "/api/tasks/",
+        body,
+        content_type="application/json",
+        CONTENT_LENGTH="",
         HTTP_TRANSFER_ENCODING="chunked",
         **{"wsgi.input": io.BytesIO(body), "wsgi.input_terminated": True},
     )
 
 
-@pytest.mark.xfail(strict=True, reason=CHUNKED_BUG)
 def test_chunked_body_over_limit_answers_413_under_wsgi(api, small_limit, nothing_written):
     response = _wsgi_post_without_length(api, _body_of(small_limit * 2))
 
     assert response.status_code == 413
 
 
-@pytest.mark.xfail(strict=True, reason=CHUNKED_BUG)
 def test_chunked_body_within_limit_is_accepted_under_wsgi(api, small_limit):
     response = _wsgi_post_without_length(api, _body_of(small_limit - 10))
 
@@ -294,7 +299,10 @@ def _asgi_post_without_length(user, body: bytes) -> Any:
 
     async def send() -> Any:
         return await AsyncClient().request(
-            method="POST", path="/api/tasks/", headers=headers, query_string="",
+            method="POST",
+            path="/api/tasks/",
+            headers=headers,
+            query_string="",
             _body_file=FakePayload(body),
         )
 
@@ -310,7 +318,6 @@ def test_chunked_body_over_limit_answers_413_under_asgi(user, small_limit, nothi
     assert "QW_MAX_PAYLOAD_BYTES" in json.loads(response.content)["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason=CHUNKED_BUG)
 def test_chunked_body_within_limit_is_accepted_under_asgi(user, small_limit):
     before = Task.objects.count()
 

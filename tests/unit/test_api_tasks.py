@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,14 +29,8 @@ pytestmark = pytest.mark.django_db
 MESSAGE_KEYS = {"taskType", "taskId", "delay", "metadata"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    """UserFactory hashes a password per user; the default PBKDF2 costs ~0.5 s on CI cores."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Record what would be published instead of talking to RabbitMQ."""
     calls: list[dict[str, Any]] = []
 
@@ -95,9 +90,7 @@ def test_create_applies_defaults(api, settings):
 
 
 def test_create_keeps_given_options(api):
-    response = _create(
-        api, {"type": "NOOP", "max_retries": 7, "priority": 9, "timeout_s": 12}
-    )
+    response = _create(api, {"type": "NOOP", "max_retries": 7, "priority": 9, "timeout_s": 12})
 
     assert response.status_code == 201, response.content
     body = response.json()
@@ -150,7 +143,9 @@ def test_create_immediate_task_publishes_only_after_commit(
     assert Task.objects.get(pk=task_id).dispatched_at is not None
 
 
-def test_create_routes_by_configured_type_route(api, sent, settings, django_capture_on_commit_callbacks):
+def test_create_routes_by_configured_type_route(
+    api, sent, settings, django_capture_on_commit_callbacks
+):
     settings.QW_TYPE_ROUTES = {**settings.QW_TYPE_ROUTES, "NOOP": "compensation"}
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -183,9 +178,7 @@ def test_create_delayed_task_enqueues_no_wakeup(api, timing, django_capture_on_c
     assert task.next_attempt_at > timezone.now() + timedelta(seconds=30)
 
 
-def test_create_scheduled_in_the_past_is_published_at_once(
-    api, django_capture_on_commit_callbacks
-):
+def test_create_scheduled_in_the_past_is_published_at_once(api, django_capture_on_commit_callbacks):
     past = (timezone.now() - timedelta(hours=1)).isoformat()
 
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
@@ -287,7 +280,8 @@ def test_list_filters_by_several_statuses(api, user):
     TaskFactory(owner=user, status=TaskStatus.COMPLETED)
 
     assert _ids(api.get("/api/tasks/?status=PENDING&status=FAILED")) == {
-        str(pending.id), str(failed.id)
+        str(pending.id),
+        str(failed.id),
     }
     assert _ids(api.get("/api/tasks/?status=FAILED")) == {str(failed.id)}
 
@@ -325,11 +319,10 @@ def test_list_filters_by_creation_window(api, user):
 
     # when / then
     assert _ids(api.get("/api/tasks/", {"created_after": after})) == {
-        str(middle.id), str(recent.id)
+        str(middle.id),
+        str(recent.id),
     }
-    assert _ids(api.get("/api/tasks/", {"created_before": before})) == {
-        str(old.id), str(middle.id)
-    }
+    assert _ids(api.get("/api/tasks/", {"created_before": before})) == {str(old.id), str(middle.id)}
     assert _ids(api.get("/api/tasks/", {"created_after": after, "created_before": before})) == {
         str(middle.id)
     }
@@ -504,8 +497,12 @@ def test_retry_failed_answers_202_pending_with_retries_reset(
     api, user, sent, django_capture_on_commit_callbacks
 ):
     task = TaskFactory(
-        owner=user, status=TaskStatus.FAILED, retries=3, error="boom",
-        failure_class="retries_exhausted", finished_at=timezone.now(),
+        owner=user,
+        status=TaskStatus.FAILED,
+        retries=3,
+        error="boom",
+        failure_class="retries_exhausted",
+        finished_at=timezone.now(),
     )
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -578,12 +575,16 @@ def test_idempotency_header_and_body_same_key_are_one_request(api, user):
 def test_idempotency_body_compared_as_canonical_json(api):
     # given the same body with other key order and spacing
     first = api.post(
-        "/api/tasks/", b'{"type": "NOOP", "payload": {"sleep_ms": 1, "result": 2}}',
-        content_type="application/json", HTTP_IDEMPOTENCY_KEY="k",
+        "/api/tasks/",
+        b'{"type": "NOOP", "payload": {"sleep_ms": 1, "result": 2}}',
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY="k",
     )
     second = api.post(
-        "/api/tasks/", b'{"payload":{"result":2,"sleep_ms":1},"type":"NOOP"}',
-        content_type="application/json", HTTP_IDEMPOTENCY_KEY="k",
+        "/api/tasks/",
+        b'{"payload":{"result":2,"sleep_ms":1},"type":"NOOP"}',
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY="k",
     )
 
     assert (first.status_code, second.status_code) == (201, 200)
@@ -620,8 +621,11 @@ def test_idempotency_keys_are_per_owner(api, user, client_for):
     other = UserFactory()
     mine = _create(api, {"type": "NOOP"}, HTTP_IDEMPOTENCY_KEY="shared")
 
-    theirs = _create(client_for(other), {"type": "NOOP", "payload": {"sleep_ms": 9}},
-                     HTTP_IDEMPOTENCY_KEY="shared")
+    theirs = _create(
+        client_for(other),
+        {"type": "NOOP", "payload": {"sleep_ms": 9}},
+        HTTP_IDEMPOTENCY_KEY="shared",
+    )
 
     assert (mine.status_code, theirs.status_code) == (201, 201)
     assert theirs.json()["id"] != mine.json()["id"]
@@ -647,8 +651,8 @@ def test_idempotency_expired_key_creates_new_task(api, user, settings):
 
 def test_idempotency_key_within_ttl_still_answers(api, settings):
     first = _create(api, {"type": "NOOP"}, HTTP_IDEMPOTENCY_KEY="k")
-    recent = timezone.now() - timedelta(hours=settings.QW_IDEMPOTENCY_TTL_HOURS) + timedelta(
-        minutes=5
+    recent = (
+        timezone.now() - timedelta(hours=settings.QW_IDEMPOTENCY_TTL_HOURS) + timedelta(minutes=5)
     )
     Task.objects.filter(pk=first.json()["id"]).update(created_at=recent)
 
