@@ -7,6 +7,7 @@ A ``<NAME>_FILE`` variable, when set, is read instead of ``<NAME>`` (for mounted
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ class Env:
 
     def bool(self, name: str, default: bool) -> bool:
         value = self.raw(name)
-        if value is None:
+        if value is None or value.strip() == "":
             return default
         lowered = value.strip().lower()
         if lowered in _TRUE:
@@ -77,6 +78,8 @@ class Env:
             number = float(value.strip())
         except ValueError:
             raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ImproperlyConfigured(f"{name} must be a finite number, got {value!r}")
         return _bounded(name, number, minimum, maximum)
 
     def list(self, name: str, default: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """The one decorator that declares every Celery task of the project.
 
-Each task has an explicit ``name`` and ``queue`` (a test checks that the queue is declared),
+Each task has an explicit ``name`` and ``queue`` (a test checks that the queue is declared;
+``route_declared`` is the router that sends the task there),
 late acknowledgement with rejection on a lost worker (at-least-once delivery; the state machine
 makes a second delivery harmless), no stored result, and a log line when it ends badly.
 """
@@ -24,7 +25,6 @@ def instrumented_task(
         DECLARED[name] = queue
         defaults: dict[str, Any] = {
             "name": name,
-            "queue": queue,
             "acks_late": True,
             "reject_on_worker_lost": True,
             "ignore_result": True,
@@ -35,3 +35,11 @@ def instrumented_task(
         return task
 
     return decorator
+
+
+def route_declared(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+) -> dict[str, str] | None:
+    """Celery router: the queue a task was declared with (an explicit ``queue=`` still wins)."""
+    queue = DECLARED.get(name)
+    return {"queue": queue, "routing_key": queue} if queue else None

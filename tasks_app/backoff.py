@@ -28,6 +28,8 @@ def backoff_delay(
     burst of failures across the whole window; without it the wait is the ceiling itself.
     A server's ``retry_after`` wins over the computed wait but never exceeds the cap.
     """
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
     if retry_after is not None:
         return max(0.0, min(cap_s, retry_after))
     ceiling = backoff_ceiling(retries, base_s=base_s, cap_s=cap_s)

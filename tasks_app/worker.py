@@ -100,6 +100,8 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return _finish_failed(task, f"result is not JSON: {exc}", retryable=False)
+    if _contains_nul(result):  # PostgreSQL's jsonb cannot store NUL characters
+        return _finish_failed(task, "result contains a NUL character (\\u0000)", retryable=False)
     if state.complete(task.id, task.attempt, result):
         return Outcome("completed")
     return Outcome("stale", "completion discarded: the task had moved on")
@@ -113,7 +115,8 @@ def _finish_failed(
     retry_after: float | None = None,
     failure_class: str = FailureClass.RETRIES_EXHAUSTED,
 ) -> Outcome:
-    error = error[:MAX_ERROR_CHARS]
+    # PostgreSQL text cannot hold NUL; an error message must never make its own write fail.
+    error = error.replace("\x00", "\\0")[:MAX_ERROR_CHARS]
     if retryable and task.retries < task.max_retries:
         delay = retry_delay(task, retry_after=retry_after)
         published = delay <= settings.QW_ETA_MAX_SECONDS
@@ -143,3 +146,13 @@ def retry_delay(task: Task, *, retry_after: float | None = None) -> float:
         jitter=task.retry_jitter,
         retry_after=retry_after,
     )
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_contains_nul(item) for item in value)
+    return False

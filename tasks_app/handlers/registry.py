@@ -56,29 +56,43 @@ class HandlerSpec:
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
 
     def validate(self, payload: Any) -> list[tuple[str, str]]:
-        """Return (json path, message) for every problem in ``payload``, best first."""
-        errors = sorted(self._validator.iter_errors(payload), key=lambda e: list(e.path))
-        problems = [(json_path(e), _message(e)) for e in errors]
+        """Return (json path, message) for every problem in ``payload``, by path."""
+        problems: list[tuple[str, str]] = []
+        for error in self._validator.iter_errors(payload):
+            problems.extend(describe(error))
+        problems.sort()
         if not problems and self.extra_validator is not None:
             problems = self.extra_validator(payload)
         return problems
 
 
-def json_path(error: SchemaError) -> str:
+def json_path(parts: Any) -> str:
     path = ""
-    for part in error.absolute_path:
+    for part in parts:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
 
 
-def _message(error: SchemaError) -> str:
-    if error.validator == "required":
-        return error.message.replace("is a required property", "is required")
-    if error.validator == "additionalProperties":
-        return error.message.replace("were unexpected", "are not allowed").replace(
-            "was unexpected", "is not allowed"
-        )
-    return error.message
+def describe(error: SchemaError) -> list[tuple[str, str]]:
+    """Name the field at fault: a missing or unknown property gets its own path."""
+    base = list(error.absolute_path)
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [name for name in error.validator_value if name not in error.instance]
+        return [(json_path([*base, name]), "this field is required") for name in missing]
+    if (
+        error.validator == "additionalProperties"
+        and isinstance(error.instance, dict)
+        and isinstance(error.schema, dict)
+    ):
+        known = set(error.schema.get("properties", {}))
+        patterns = list(error.schema.get("patternProperties", {}))
+        extra = [
+            name
+            for name in error.instance
+            if name not in known and not any(re.search(p, name) for p in patterns)
+        ]
+        return [(json_path([*base, name]), "unknown field") for name in extra]
+    return [(json_path(base), error.message)]
 
 
 class HandlerRegistry:

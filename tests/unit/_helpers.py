@@ -27,7 +27,8 @@ def make_task(status: str = TaskStatus.PENDING, **fields: Any) -> Task:
         defaults["owner"] = UserFactory(password=None)
     if status == TaskStatus.PROCESSING:
         defaults.update(
-            attempt=1, started_at=now - timedelta(minutes=2),
+            attempt=1,
+            started_at=now - timedelta(minutes=2),
             lease_expires_at=now - timedelta(minutes=1),
         )
     defaults.update(fields)

@@ -74,7 +74,7 @@ def test_work_queues_add_routed_custom_queue_once():
 
 def test_work_queues_route_to_dead_letter_refused():
     routes = messaging.parse_type_routes(["RESIZE=tasks.dead_letter"])
-    with pytest.raises(ImproperlyConfigured, match="tasks.dead_letter"):
+    with pytest.raises(ImproperlyConfigured, match=r"tasks\.dead_letter"):
         messaging.work_queues(routes)
 
 
@@ -173,3 +173,8 @@ def test_wakeup_message_carries_ids_not_payload():
     assert set(kwargs) == {"taskType", "taskId", "delay", "metadata"}
     assert (kwargs["taskType"], kwargs["taskId"], kwargs["delay"]) == ("NOOP", task_id, 2.5)
     assert json.loads(json.dumps(kwargs)) == kwargs
+
+
+def test_router_sends_a_declared_task_to_its_queue(project_tasks):
+    route = app.amqp.router.route({}, "queueworker.execute")
+    assert route["queue"].name == DECLARED["queueworker.execute"]

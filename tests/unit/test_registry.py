@@ -139,11 +139,8 @@ def test_validate_reports_every_problem_sorted_by_path(items_spec):
 def test_validate_required_and_unexpected_messages(items_spec):
     problems = items_spec.validate({"colour": "red"})
 
-    # both are about the top-level object, so their path is empty
-    assert sorted(problems) == [
-        ("", "'name' is required"),
-        ("", "Additional properties are not allowed ('colour' is not allowed)"),
-    ]
+    # each problem names its own field, missing or unknown (DESIGN §7)
+    assert problems == [("colour", "unknown field"), ("name", "this field is required")]
 
 
 def test_validate_extra_validator_runs_after_schema_passes(reg):
@@ -168,7 +165,7 @@ def test_noop_registered_globally_with_its_schema():
     assert spec.validate({"sleep_ms": 10, "fail_times": 1, "fail": False, "result": [1]}) == []
     assert [p for p, _ in spec.validate({"sleep_ms": -1})] == ["sleep_ms"]
     assert [p for p, _ in spec.validate({"fail": "yes"})] == ["fail"]
-    assert spec.validate({"bogus": 1})[0][0] == ""
+    assert spec.validate({"bogus": 1}) == [("bogus", "unknown field")]
 
 
 # --- NOOP --------------------------------------------------------------------------------------

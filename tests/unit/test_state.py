@@ -334,8 +334,14 @@ def test_request_cancel_on_non_processing_refused(status):
 def test_requeue_resets_retries_and_outcome(status):
     # given a task that failed for good after three retries
     task = make_task(
-        status, attempt=4, retries=3, error="gone", failure_class="retries_exhausted",
-        result={"partial": True}, cancel_requested=True, finished_at=timezone.now(),
+        status,
+        attempt=4,
+        retries=3,
+        error="gone",
+        failure_class="retries_exhausted",
+        result={"partial": True},
+        cancel_requested=True,
+        finished_at=timezone.now(),
         payload={"x": 1},
     )
     now = timezone.now()

@@ -97,24 +97,42 @@ def test_handler_sees_task_context_and_lease(handler_type):
     def handler(ctx: Any, payload: Any) -> Any:
         row = Task.objects.get(id=ctx.task_id)
         seen.update(
-            attempt=ctx.attempt, retries=ctx.retries, max_retries=ctx.max_retries,
-            timeout_s=ctx.timeout_s, lease=row.lease_expires_at, payload=payload,
+            attempt=ctx.attempt,
+            retries=ctx.retries,
+            max_retries=ctx.max_retries,
+            timeout_s=ctx.timeout_s,
+            lease=row.lease_expires_at,
+            payload=payload,
         )
         ctx.log("progress", "half way", {"done": 1})
         return {"n": 1}
 
-    task = make_task(type=handler_type(handler), status=S.RETRYING, attempt=1, retries=1,
-                     max_retries=5, timeout_s=10, payload={"k": "v"})
+    task = make_task(
+        type=handler_type(handler),
+        status=S.RETRYING,
+        attempt=1,
+        retries=1,
+        max_retries=5,
+        timeout_s=10,
+        payload={"k": "v"},
+    )
     before = timezone.now()
 
     assert _run(task).status == "completed"
 
     # lease = the task's time limit + QW_LEASE_SECONDS, from the claim
-    assert before + timedelta(seconds=40) <= seen.pop("lease") <= timezone.now() + timedelta(
-        seconds=40
+    assert (
+        before + timedelta(seconds=40)
+        <= seen.pop("lease")
+        <= timezone.now() + timedelta(seconds=40)
     )
-    assert seen == {"attempt": 2, "retries": 1, "max_retries": 5, "timeout_s": 10,
-                    "payload": {"k": "v"}}
+    assert seen == {
+        "attempt": 2,
+        "retries": 1,
+        "max_retries": 5,
+        "timeout_s": 10,
+        "payload": {"k": "v"},
+    }
     progress = TaskLog.objects.get(task_id=task.id, event="progress")
     assert progress.data == {"done": 1, "attempt": 2}
 
@@ -151,8 +169,13 @@ def test_unknown_type_failed_non_retryable(published):
 
 def test_retryable_error_with_retries_left_retrying_and_published(handler_type, published):
     # given a task whose handler fails transiently, with a 2 s backoff and no jitter
-    task = make_task(type=handler_type(_raises(RetryableError("flaky upstream"))),
-                     retries=0, max_retries=3, retry_backoff_s=2.0, retry_jitter=False)
+    task = make_task(
+        type=handler_type(_raises(RetryableError("flaky upstream"))),
+        retries=0,
+        max_retries=3,
+        retry_backoff_s=2.0,
+        retry_jitter=False,
+    )
     before = timezone.now()
 
     # when the worker runs it
@@ -168,26 +191,37 @@ def test_retryable_error_with_retries_left_retrying_and_published(handler_type, 
     assert before + timedelta(seconds=2) <= row.next_attempt_at
     assert row.next_attempt_at <= timezone.now() + timedelta(seconds=2)
     assert row.dispatched_at == row.next_attempt_at
-    assert published == [[dispatch.Wakeup(str(task.id), row.type, row.queue, row.priority,
-                                          row.timeout_s, countdown=2.0)]]
+    assert published == [
+        [
+            dispatch.Wakeup(
+                str(task.id), row.type, row.queue, row.priority, row.timeout_s, countdown=2.0
+            )
+        ]
+    ]
     assert log_events(task.id) == ["started", "retry_scheduled"]
 
 
 def test_retry_with_jitter_publishes_countdown_equal_to_delay(handler_type, published):
-    task = make_task(type=handler_type(_raises(RetryableError("flaky"))), retries=2,
-                     max_retries=5, retry_backoff_s=1.0, retry_jitter=True)
+    task = make_task(
+        type=handler_type(_raises(RetryableError("flaky"))),
+        retries=2,
+        max_retries=5,
+        retry_backoff_s=1.0,
+        retry_jitter=True,
+    )
 
     assert _run(task).status == "retrying"
 
     [[wakeup]] = published
-    assert 0.0 <= wakeup.countdown <= 4.0  # full jitter under the ceiling 1 s × 2²
+    assert 0.0 <= wakeup.countdown <= 4.0  # full jitter under the ceiling: 1 s * 2**2
     log = TaskLog.objects.get(task_id=task.id, event="retry_scheduled")
     assert log.data["delay_s"] == round(wakeup.countdown, 3)
 
 
 def test_retry_after_honoured_as_countdown(handler_type, published):
-    task = make_task(type=handler_type(_raises(RetryableError("429", retry_after=5.0))),
-                     max_retries=3)
+    task = make_task(
+        type=handler_type(_raises(RetryableError("429", retry_after=5.0))), max_retries=3
+    )
 
     assert _run(task) == worker.Outcome("retrying", "in 5.000s")
 
@@ -196,8 +230,12 @@ def test_retry_after_honoured_as_countdown(handler_type, published):
 
 def test_long_backoff_left_to_dispatcher_not_published(handler_type, published):
     # given a backoff longer than QW_ETA_MAX_SECONDS (60 s)
-    task = make_task(type=handler_type(_raises(RetryableError("down"))), max_retries=3,
-                     retry_backoff_s=120.0, retry_jitter=False)
+    task = make_task(
+        type=handler_type(_raises(RetryableError("down"))),
+        max_retries=3,
+        retry_backoff_s=120.0,
+        retry_jitter=False,
+    )
 
     # when it fails
     outcome = _run(task)
@@ -212,8 +250,9 @@ def test_long_backoff_left_to_dispatcher_not_published(handler_type, published):
 
 
 def test_retries_exhausted_failed(handler_type, published):
-    task = make_task(type=handler_type(_raises(RetryableError("still down"))),
-                     retries=3, max_retries=3)
+    task = make_task(
+        type=handler_type(_raises(RetryableError("still down"))), retries=3, max_retries=3
+    )
 
     outcome = _run(task)
 
@@ -232,7 +271,9 @@ def test_permanent_error_failed_non_retryable_at_once(handler_type, published):
     assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert (row.status, row.failure_class, row.error) == (
-        S.FAILED, FailureClass.NON_RETRYABLE, "bad request"
+        S.FAILED,
+        FailureClass.NON_RETRYABLE,
+        "bad request",
     )
     assert row.retries == 0
     assert published == []
@@ -258,7 +299,8 @@ def test_long_error_truncated(handler_type):
 
 
 @pytest.mark.parametrize(
-    "result", [{"when": object()}, float("nan"), {"tags": {"a", "b"}}],
+    "result",
+    [{"when": object()}, float("nan"), {"tags": {"a", "b"}}],
     ids=["object", "nan", "set"],
 )
 def test_non_json_result_failed(handler_type, result):
@@ -273,9 +315,32 @@ def test_non_json_result_failed(handler_type, result):
     assert row.result is None
 
 
+
+
+def test_result_with_nul_character_failed(handler_type):
+    task = make_task(type=handler_type(lambda ctx, payload: {"text": "a\x00b"}))
+
+    outcome = _run(task)
+
+    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert Task.objects.get(id=task.id).status == S.FAILED
+
+
+def test_error_with_nul_character_failed(handler_type):
+    task = make_task(type=handler_type(_raises(PermanentError("bad byte \x00 in input"))))
+
+    outcome = _run(task)
+
+    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    row = Task.objects.get(id=task.id)
+    assert row.status == S.FAILED
+    assert "bad byte" in row.error
+
+
 def test_timeout_with_retries_left_retrying(handler_type, published):
-    task = make_task(type=handler_type(_raises(SoftTimeLimitExceeded())), max_retries=1,
-                     timeout_s=7)
+    task = make_task(
+        type=handler_type(_raises(SoftTimeLimitExceeded())), max_retries=1, timeout_s=7
+    )
 
     assert _run(task).status == "retrying"
 
@@ -296,8 +361,13 @@ def test_timeout_without_retries_failed_timeout(handler_type):
 
 def test_cancel_requested_before_start_cancelled_without_running(handler_type):
     calls: list[Any] = []
-    task = make_task(S.RETRYING, type=handler_type(lambda ctx, p: calls.append(1)),
-                     cancel_requested=True, attempt=1, retries=1)
+    task = make_task(
+        S.RETRYING,
+        type=handler_type(lambda ctx, p: calls.append(1)),
+        cancel_requested=True,
+        attempt=1,
+        retries=1,
+    )
 
     outcome = _run(task)
 
@@ -344,8 +414,13 @@ def test_result_of_superseded_attempt_discarded(handler_type):
 
 def test_noop_fail_times_retries_then_completes(published):
     # given a NOOP that fails its first attempt on purpose
-    task = make_task(type="NOOP", payload={"fail_times": 1}, max_retries=3,
-                     retry_backoff_s=30.0, retry_jitter=False)
+    task = make_task(
+        type="NOOP",
+        payload={"fail_times": 1},
+        max_retries=3,
+        retry_backoff_s=30.0,
+        retry_jitter=False,
+    )
 
     # when the first attempt fails, a message arriving before the backoff is refused,
     first = _run(task)
