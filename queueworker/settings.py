@@ -170,6 +170,7 @@ if IS_EMBEDDED_BROKER:
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        "polling_interval": 0.1,
     }
 elif CELERY_BROKER_URL.startswith(("amqp:", "amqps:", "pyamqp:")):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "max_retries": 1}
