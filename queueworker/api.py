@@ -36,7 +36,9 @@ class SafeJSONParser(JSONParser):
         try:
             return json.loads(text, parse_constant=_reject_constant)
         except RecursionError:
-            raise exceptions.ParseError("JSON parse error - document is nested too deeply") from None
+            raise exceptions.ParseError(
+                "JSON parse error - document is nested too deeply"
+            ) from None
         except ValueError as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
 

@@ -7,6 +7,7 @@ A ``<NAME>_FILE`` variable, when set, is read instead of ``<NAME>`` (for mounted
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 import re
@@ -27,20 +28,22 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = os.environ if environ is None else environ
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         file_path = self.environ.get(f"{name}_FILE")
         if file_path:
             try:
                 return Path(file_path).read_text().strip()
             except OSError as exc:
-                raise ImproperlyConfigured(f"{name}_FILE: cannot read {file_path!r}: {exc}") from exc
+                raise ImproperlyConfigured(
+                    f"{name}_FILE: cannot read {file_path!r}: {exc}"
+                ) from exc
         return self.environ.get(name)
 
-    def str(self, name: str, default: str) -> str:
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
         value = self.raw(name)
         return default if value is None or value == "" else value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(name)
         if value is None or value.strip() == "":
             return default
@@ -52,8 +55,13 @@ class Env:
         raise ImproperlyConfigured(f"{name} must be true or false, got {value!r}")
 
     def int(
-        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self.raw(name)
         if value is None or value.strip() == "":
             return default
@@ -65,12 +73,12 @@ class Env:
 
     def float(
         self,
-        name: str,
-        default: float,
+        name: builtins.str,
+        default: builtins.float,
         *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float:
+        minimum: builtins.float | None = None,
+        maximum: builtins.float | None = None,
+    ) -> builtins.float:
         value = self.raw(name)
         if value is None or value.strip() == "":
             return default
@@ -82,19 +90,23 @@ class Env:
             raise ImproperlyConfigured(f"{name} must be a finite number, got {value!r}")
         return _bounded(name, number, minimum, maximum)
 
-    def list(self, name: str, default: list[str]) -> list[str]:
+    def list(
+        self, name: builtins.str, default: builtins.list[builtins.str]
+    ) -> builtins.list[builtins.str]:
         value = self.raw(name)
         if value is None:
             return list(default)
         return [item.strip() for item in value.split(",") if item.strip()]
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(
+        self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]
+    ) -> builtins.str:
         value = self.str(name, default).strip().lower()
         if value not in choices:
             raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def rate(self, name: str, default: str | None) -> str | None:
+    def rate(self, name: builtins.str, default: builtins.str | None) -> builtins.str | None:
         value = self.raw(name)
         if value is None or value.strip() == "":
             return default

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from queueworker.celery import app
 
-BROKER_TIMEOUT_S = 1.0
+BROKER_TIMEOUT_S = 1
 
 
 def check_database() -> str:

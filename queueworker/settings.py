@@ -256,8 +256,9 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Logging -----------------------------------------------------------------------------------
-LOG_LEVEL = env.choice("LOG_LEVEL", "INFO", ("debug", "info", "warning", "error", "critical"))
-LOG_LEVEL = LOG_LEVEL.upper()
+LOG_LEVEL = env.choice(
+    "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
+).upper()
 LOG_FORMAT = env.choice("LOG_FORMAT", "console", ("json", "console"))
 LOGGING = {
     "version": 1,

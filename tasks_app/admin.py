@@ -24,8 +24,17 @@ class TaskLogInline(admin.TabularInline):
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "type", "status", "queue", "priority", "retries", "max_retries",
-        "failure_class", "owner", "created_at", "finished_at",
+        "id",
+        "type",
+        "status",
+        "queue",
+        "priority",
+        "retries",
+        "max_retries",
+        "failure_class",
+        "owner",
+        "created_at",
+        "finished_at",
     )
     list_filter = ("status", "type", "queue", "failure_class", "created_at")
     search_fields = ("=id", "idempotency_key", "step")
@@ -35,18 +44,48 @@ class TaskAdmin(admin.ModelAdmin):
     inlines = [TaskLogInline]
     actions = ["cancel_tasks", "retry_tasks"]
     readonly_fields = (
-        "id", "owner", "type", "status", "queue", "retries", "attempt", "error",
-        "failure_class", "result", "next_attempt_at", "dispatched_at", "lease_expires_at",
-        "cancel_requested", "idempotency_key", "request_hash", "parent", "step",
-        "created_at", "started_at", "finished_at", "wait_reason",
+        "id",
+        "owner",
+        "type",
+        "status",
+        "queue",
+        "retries",
+        "attempt",
+        "error",
+        "failure_class",
+        "result",
+        "next_attempt_at",
+        "dispatched_at",
+        "lease_expires_at",
+        "cancel_requested",
+        "idempotency_key",
+        "request_hash",
+        "parent",
+        "step",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "wait_reason",
     )
     fieldsets = (
         (None, {"fields": ("id", "type", "status", "wait_reason", "owner", "queue", "priority")}),
         ("Input", {"fields": ("payload", "timeout_s", "scheduled_at", "idempotency_key")}),
-        ("Retries", {"fields": (
-            "retries", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter",
-            "attempt", "next_attempt_at", "dispatched_at", "lease_expires_at",
-        )}),
+        (
+            "Retries",
+            {
+                "fields": (
+                    "retries",
+                    "max_retries",
+                    "retry_backoff_s",
+                    "retry_backoff_max_s",
+                    "retry_jitter",
+                    "attempt",
+                    "next_attempt_at",
+                    "dispatched_at",
+                    "lease_expires_at",
+                )
+            },
+        ),
         ("Outcome", {"fields": ("result", "error", "failure_class", "cancel_requested")}),
         ("Relations", {"fields": ("parent", "step")}),
         ("Times", {"fields": ("created_at", "started_at", "finished_at")}),
@@ -90,7 +129,9 @@ class TaskAdmin(admin.ModelAdmin):
             except InvalidTransition:
                 refused += 1
         level = messages.SUCCESS if not refused else messages.WARNING
-        self.message_user(request, f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.", level)
+        self.message_user(
+            request, f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.", level
+        )
 
 
 @admin.register(TaskLog)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
 from queueworker.celery import app
@@ -113,6 +112,6 @@ def publish_on_commit(wakeups: Sequence[Wakeup]) -> None:
 
 
 def _mark_undispatched(wakeups: Sequence[Wakeup]) -> None:
-    Task.objects.filter(
-        id__in=[w.task_id for w in wakeups], status__in=WAITING_STATUSES
-    ).update(dispatched_at=None)
+    Task.objects.filter(id__in=[w.task_id for w in wakeups], status__in=WAITING_STATUSES).update(
+        dispatched_at=None
+    )

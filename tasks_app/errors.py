@@ -19,5 +19,5 @@ class PermanentError(HandlerError):
     """A failure that another attempt cannot fix: the task fails at once."""
 
 
-class TaskCancelled(HandlerError):  # noqa: N818  # a signal, not a fault
+class TaskCancelled(HandlerError):  # a signal, not a fault
     """Raised by ``TaskContext.check_cancelled`` when a cancel was requested."""

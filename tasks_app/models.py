@@ -38,9 +38,7 @@ class Task(models.Model):
     )
     type = models.CharField(max_length=64)
     payload = models.JSONField(default=dict)
-    status = models.CharField(
-        max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING
-    )
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     priority = models.PositiveSmallIntegerField(default=0)
     queue = models.CharField(max_length=128)
     retries = models.PositiveIntegerField(default=0)
@@ -61,9 +59,10 @@ class Task(models.Model):
         help_text="When the current wake-up message is due at a worker; null: not yet published.",
     )
     timeout_s = models.PositiveIntegerField(default=300)
-    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    # NULL, not "": the unique (owner, key) constraint must admit many tasks without a key.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     request_hash = models.CharField(max_length=64, blank=True, default="")
-    step = models.CharField(max_length=128, null=True, blank=True)
+    step = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001  # DESIGN §3
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
     )

@@ -81,8 +81,15 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
     expired = list(
         Task.objects.filter(status=TaskStatus.PROCESSING, lease_expires_at__lt=now)
         .order_by("lease_expires_at")
-        .only("id", "attempt", "retries", "max_retries", "retry_backoff_s",
-              "retry_backoff_max_s", "retry_jitter")[:batch]
+        .only(
+            "id",
+            "attempt",
+            "retries",
+            "max_retries",
+            "retry_backoff_s",
+            "retry_backoff_max_s",
+            "retry_jitter",
+        )[:batch]
     )
     count = 0
     for task in expired:

@@ -29,22 +29,35 @@ def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | Non
     now = now or timezone.now()
     if task.status == TaskStatus.PROCESSING:
         if task.cancel_requested:
-            return {"code": "cancel_requested", "detail": "Cancellation requested; the handler "
-                    "stops at its next check."}
-        return {"code": "running", "detail": f"Running attempt {task.attempt}.",
-                "until": task.lease_expires_at}
+            return {
+                "code": "cancel_requested",
+                "detail": "Cancellation requested; the handler stops at its next check.",
+            }
+        return {
+            "code": "running",
+            "detail": f"Running attempt {task.attempt}.",
+            "until": task.lease_expires_at,
+        }
     if task.status == TaskStatus.RETRYING:
         if task.next_attempt_at and task.next_attempt_at > now:
-            return {"code": "backoff", "detail": f"Retry {task.retries} of {task.max_retries} "
-                    f"after: {task.error}", "until": task.next_attempt_at}
+            return {
+                "code": "backoff",
+                "detail": f"Retry {task.retries} of {task.max_retries} after: {task.error}",
+                "until": task.next_attempt_at,
+            }
         return {"code": "queued", "detail": f"Retry {task.retries} is queued on {task.queue}."}
     if task.status == TaskStatus.PENDING:
         if task.next_attempt_at and task.next_attempt_at > now:
-            return {"code": "scheduled", "detail": "Scheduled for later.",
-                    "until": task.next_attempt_at}
+            return {
+                "code": "scheduled",
+                "detail": "Scheduled for later.",
+                "until": task.next_attempt_at,
+            }
         if task.dispatched_at is None:
-            return {"code": "awaiting_dispatch", "detail": "Due; the dispatcher publishes it "
-                    "once the broker accepts messages."}
+            return {
+                "code": "awaiting_dispatch",
+                "detail": "Due; the dispatcher publishes it once the broker accepts messages.",
+            }
         return {"code": "queued", "detail": f"Waiting for a worker on queue {task.queue}."}
     return None
 

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -48,7 +48,7 @@ def canonical_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
-def _build(spec: TaskSpec, owner: AbstractBaseUser, now: datetime) -> Task:
+def _build(spec: TaskSpec, owner: User, now: datetime) -> Task:
     due = now
     if spec.scheduled_at is not None:
         due = max(now, spec.scheduled_at)
@@ -79,7 +79,9 @@ def _build(spec: TaskSpec, owner: AbstractBaseUser, now: datetime) -> Task:
 
 def _created_log(task: Task, by: str) -> TaskLog:
     delayed = task.dispatched_at is None
-    message = f"created by {by}" + (f", due at {task.next_attempt_at:%Y-%m-%dT%H:%M:%S.%fZ}" if delayed else "")
+    message = f"created by {by}" + (
+        f", due at {task.next_attempt_at:%Y-%m-%dT%H:%M:%S.%fZ}" if delayed else ""
+    )
     return TaskLog(
         task=task,
         event="created",
@@ -88,7 +90,7 @@ def _created_log(task: Task, by: str) -> TaskLog:
     )
 
 
-def task_create(*, owner: AbstractBaseUser, spec: TaskSpec) -> tuple[Task, bool]:
+def task_create(*, owner: User, spec: TaskSpec) -> tuple[Task, bool]:
     """Create one task; with an idempotency key, return the earlier task instead (created=False).
 
     Raises ``Conflict`` when the key was used with a different body within its TTL.
@@ -116,7 +118,7 @@ def task_create(*, owner: AbstractBaseUser, spec: TaskSpec) -> tuple[Task, bool]
     return task, True
 
 
-def _earlier_with_key(owner: AbstractBaseUser, spec: TaskSpec, now: datetime) -> Task | None:
+def _earlier_with_key(owner: User, spec: TaskSpec, now: datetime) -> Task | None:
     earlier = Task.objects.filter(owner=owner, idempotency_key=spec.idempotency_key).first()
     if earlier is None:
         return None
@@ -130,15 +132,14 @@ def _earlier_with_key(owner: AbstractBaseUser, spec: TaskSpec, now: datetime) ->
         raise Conflict(
             {
                 "idempotency_key": [
-                    "This key was already used with a different request body "
-                    f"(task {earlier.id})."
+                    f"This key was already used with a different request body (task {earlier.id})."
                 ]
             }
         )
     return earlier
 
 
-def task_bulk_create(*, owner: AbstractBaseUser, specs: Sequence[TaskSpec]) -> list[Task]:
+def task_bulk_create(*, owner: User, specs: Sequence[TaskSpec]) -> list[Task]:
     """Create all tasks in one transaction (all or none), then publish them in one batch."""
     now = timezone.now()
     tasks = [_build(spec, owner, now) for spec in specs]
@@ -181,9 +182,7 @@ def task_retry(*, task: Task, by: str, reason: str = "manual retry", payload: An
     return requeued
 
 
-def dead_letter_redrive(
-    *, tasks: Sequence[Task], by: str, payload: Any = None
-) -> list[Task]:
+def dead_letter_redrive(*, tasks: Sequence[Task], by: str, payload: Any = None) -> list[Task]:
     """Send dead-lettered (FAILED) tasks back to PENDING; one batch publish after commit."""
     requeued: list[Task] = []
     with transaction.atomic():

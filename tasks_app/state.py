@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from queueworker.errors import InvalidTransition
@@ -56,11 +57,15 @@ class LogEntry:
     event: str | None = None  # defaults to the transition's event
 
 
-_COLUMNS = [f.column for f in Task._meta.concrete_fields]
+_COLUMNS: list[str] = [str(f.column) for f in Task._meta.concrete_fields]
+
+
+def _field(name: str) -> Field[Any, Any]:
+    return cast(Field, Task._meta.get_field(name))
 
 
 def _prep(name: str, value: Any) -> Any:
-    return Task._meta.get_field(name).get_db_prep_save(value, connection)
+    return _field(name).get_db_prep_save(value, connection)
 
 
 def apply(
@@ -83,7 +88,7 @@ def apply(
     sets: list[str] = []
     params: list[Any] = []
     for name, value in assignments.items():
-        column = qn(Task._meta.get_field(name).column)
+        column = qn(str(_field(name).column))
         if isinstance(value, Expr):
             sets.append(f"{column} = {value.sql}")
             params.extend(value.params)
@@ -102,22 +107,22 @@ def apply(
         params.extend(where.params)
     table = qn(Task._meta.db_table)
     returning = ", ".join(qn(c) for c in _COLUMNS)
-    update = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"
+    # Identifiers are quoted model names; every value is a parameter.
+    update = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
 
     log = log or LogEntry()
     event = log.event or rule.event
     log_table = qn(TaskLog._meta.db_table)
     log_params = [log.level, event, log.message]
     if connection.vendor == "postgresql":
+        # Quoted identifiers only; every value is a parameter.
         sql = (
-            f"WITH t AS ({update} RETURNING {returning}), "
+            f"WITH t AS ({update} RETURNING {returning}), "  # noqa: S608
             f"l AS (INSERT INTO {log_table} (task_id, level, event, message, data, created_at) "
             f"SELECT t.id, %s, %s, %s, %s::jsonb || jsonb_build_object('attempt', t.attempt), %s "
             f"FROM t) SELECT * FROM t"
         )
-        rows = list(
-            Task.objects.raw(sql, [*params, *log_params, json.dumps(log.data), now])
-        )
+        rows = list(Task.objects.raw(sql, [*params, *log_params, json.dumps(log.data), now]))
         return rows[0] if rows else None
     with transaction.atomic():
         rows = list(Task.objects.raw(f"{update} RETURNING {returning}", params))
@@ -152,7 +157,9 @@ def claim(
             f"{qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s",
             (_prep("next_attempt_at", due_by),),
         ),
-        log=LogEntry(message=f"started on {worker}" if worker else "started", data={"worker": worker}),
+        log=LogEntry(
+            message=f"started on {worker}" if worker else "started", data={"worker": worker}
+        ),
         now=now,
     )
 
@@ -188,7 +195,10 @@ def schedule_retry(
     transition: Transition = Transition.SCHEDULE_RETRY,
     now: datetime | None = None,
 ) -> Task | None:
-    """PROCESSING → RETRYING; ``published``: a countdown message will wake it (else the dispatcher)."""
+    """PROCESSING → RETRYING.
+
+    ``published``: a countdown message will wake the task; otherwise the dispatcher will.
+    """
     now = now or timezone.now()
     due = now + timedelta(seconds=delay_s)
     qn = connection.ops.quote_name

@@ -25,8 +25,8 @@ DB_RETRY_CAP_S = 10
 @instrumented_task(name=EXECUTE_TASK, queue=DEFAULT_QUEUE, bind=True, max_retries=DB_RETRY_MAX)
 def execute_task(
     self: CeleryTask,
-    taskType: str,  # noqa: N803  # message field names are part of the contract
-    taskId: str,  # noqa: N803
+    taskType: str,  # message field names are part of the contract
+    taskId: str,
     delay: float = 0,
     metadata: dict[str, Any] | None = None,
 ) -> str:

@@ -37,11 +37,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not session_env.MISSING:
         return
-    reason = f"needs {', '.join(session_env.MISSING)} (unreachable; set DATABASE_URL/CELERY_BROKER_URL)"
+    reason = (
+        f"needs {', '.join(session_env.MISSING)} (unreachable; set DATABASE_URL/CELERY_BROKER_URL)"
+    )
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if item.get_closest_marker("django_db") or fixtures & {"db", "transactional_db"} or (
-            item.get_closest_marker("integration")
+        if (
+            item.get_closest_marker("django_db")
+            or fixtures & {"db", "transactional_db"}
+            or (item.get_closest_marker("integration"))
         ):
             item.add_marker(pytest.mark.skip(reason=reason))
 
@@ -105,7 +109,11 @@ class Proc:
         self.log = log
         self._log_file = log.open("wb")
         self.popen = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -172,18 +180,40 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Start worker or beat processes for one test; all are stopped at its end."""
     started: list[Proc] = []
 
-    def start(kind: str = "worker", *, concurrency: int = 2, queues: str = ALL_QUEUES,
-              **env: str) -> Proc:
+    def start(
+        kind: str = "worker", *, concurrency: int = 2, queues: str = ALL_QUEUES, **env: str
+    ) -> Proc:
         name = f"{kind}{len(started)}"
         celery = [sys.executable, "-m", "celery", "-A", "queueworker"]
         if kind == "worker":
-            argv = [*celery, "worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork",
-                    "-n", f"{name}-{session_env.SESSION}@%h", "--without-mingle",
-                    "--without-gossip", "-l", "INFO"]
+            argv = [
+                *celery,
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                str(concurrency),
+                "-P",
+                "prefork",
+                "-n",
+                f"{name}-{session_env.SESSION}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "INFO",
+            ]
             ready = "ready."
         elif kind == "beat":
-            argv = [*celery, "beat", "-l", "INFO", "-s", str(tmp_path / "beat-schedule"),
-                    "--max-interval", "1"]
+            argv = [
+                *celery,
+                "beat",
+                "-l",
+                "INFO",
+                "-s",
+                str(tmp_path / "beat-schedule"),
+                "--max-interval",
+                "1",
+            ]
             ready = "beat: Starting..."
         else:
             raise ValueError(kind)

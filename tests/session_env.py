@@ -27,9 +27,13 @@ SESSION = os.environ.setdefault("QW_TEST_SESSION", uuid.uuid4().hex[:8])
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-_base_db = urlsplit(os.environ.get("QW_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+_base_db = urlsplit(
+    os.environ.get("QW_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+)
 _base_broker = urlsplit(
-    os.environ.get("QW_TEST_BROKER_URL") or os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+    os.environ.get("QW_TEST_BROKER_URL")
+    or os.environ.get("CELERY_BROKER_URL")
+    or DEFAULT_BROKER_URL
 )
 os.environ["QW_TEST_DATABASE_URL"] = urlunsplit(_base_db)
 os.environ["QW_TEST_BROKER_URL"] = urlunsplit(_base_broker)

@@ -21,9 +21,7 @@ class StrictSerializer(serializers.Serializer):
         if isinstance(data, dict):
             unknown = sorted(set(data) - set(self.fields))
             if unknown:
-                raise serializers.ValidationError(
-                    {name: ["Unknown field."] for name in unknown}
-                )
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return super().to_internal_value(data)
 
 
@@ -38,7 +36,7 @@ def payload_errors(problems: list[tuple[str, str]]) -> dict[str, Any] | list[str
         for path, message in problems:
             head, _, rest = path.partition(".")
             if "[" in head:
-                head, bracket, tail = head.partition("[")
+                head, _, tail = head.partition("[")
                 rest = f"[{tail}" + (f".{rest}" if rest else "")
             nested.setdefault(head, []).append(f"{rest}: {message}" if rest else message)
         return nested
@@ -65,20 +63,29 @@ class TaskCreateInput(StrictSerializer):
     timeout_s = serializers.IntegerField(
         required=False, min_value=1, help_text="The handler's time limit in seconds."
     )
-    parent = serializers.UUIDField(required=False, allow_null=True)
+    # DRF keeps declared fields apart from Field.parent; the stubs cannot tell.
+    parent = serializers.UUIDField(required=False, allow_null=True)  # type: ignore[assignment]
     retry_backoff_s = serializers.FloatField(
-        required=False, allow_null=True, min_value=0, max_value=3600,
+        required=False,
+        allow_null=True,
+        min_value=0,
+        max_value=3600,
         help_text="Backoff base for this task (default QW_BACKOFF_BASE_S).",
     )
     retry_backoff_max_s = serializers.FloatField(
-        required=False, allow_null=True, min_value=0, max_value=86400,
+        required=False,
+        allow_null=True,
+        min_value=0,
+        max_value=86400,
         help_text="Backoff cap for this task (default QW_BACKOFF_CAP_S).",
     )
     retry_jitter = serializers.BooleanField(
         required=False, default=True, help_text="Full jitter on the backoff (default true)."
     )
     idempotency_key = serializers.CharField(
-        required=False, allow_null=True, max_length=255,
+        required=False,
+        allow_null=True,
+        max_length=255,
         help_text="Or the Idempotency-Key header; the same key returns the same task.",
     )
 
@@ -187,11 +194,31 @@ class TaskOutput(serializers.ModelSerializer):
     class Meta:
         model = Task
         fields = [
-            "id", "type", "status", "owner", "payload", "priority", "queue", "retries",
-            "max_retries", "error", "failure_class", "result", "scheduled_at",
-            "next_attempt_at", "timeout_s", "idempotency_key", "parent", "step",
-            "cancel_requested", "attempt", "lease_expires_at", "created_at", "started_at",
-            "finished_at", "wait_reason",
+            "id",
+            "type",
+            "status",
+            "owner",
+            "payload",
+            "priority",
+            "queue",
+            "retries",
+            "max_retries",
+            "error",
+            "failure_class",
+            "result",
+            "scheduled_at",
+            "next_attempt_at",
+            "timeout_s",
+            "idempotency_key",
+            "parent",
+            "step",
+            "cancel_requested",
+            "attempt",
+            "lease_expires_at",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "wait_reason",
         ]
         read_only_fields = fields
 
@@ -213,7 +240,7 @@ class TaskDetailOutput(TaskOutput):
 
 
 class TaskLogOutput(serializers.ModelSerializer):
-    data = serializers.JSONField()
+    data = serializers.JSONField()  # type: ignore[assignment]  # a field, not Serializer.data
 
     class Meta:
         model = TaskLog

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import django_filters
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status, viewsets
@@ -83,7 +84,9 @@ class TaskViewSet(viewsets.GenericViewSet):
         body = TaskCreateInput(data=request.data, context={"request": request})
         body.is_valid(raise_exception=True)
         key = _idempotency_key(request, body.validated_data.get("idempotency_key"))
-        task, created = services.task_create(owner=request.user, spec=body.to_spec(idempotency_key=key))
+        task, created = services.task_create(
+            owner=cast(User, request.user), spec=body.to_spec(idempotency_key=key)
+        )
         return Response(
             TaskDetailOutput(task).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
@@ -97,7 +100,7 @@ class TaskViewSet(viewsets.GenericViewSet):
         body = TaskBulkCreateInput(data=request.data, context={"request": request})
         body.is_valid(raise_exception=True)
         specs = [build_spec(item) for item in body.validated_data["tasks"]]
-        tasks = services.task_bulk_create(owner=request.user, specs=specs)
+        tasks = services.task_bulk_create(owner=cast(User, request.user), specs=specs)
         return Response({"ids": [str(t.id) for t in tasks]}, status=status.HTTP_201_CREATED)
 
     @extend_schema(responses=TaskOutput(many=True))
@@ -151,9 +154,7 @@ def _idempotency_key(request: Request, from_body: str | None) -> str | None:
     if header is not None:
         header = header.strip()
         if not header or len(header) > 255:
-            raise serializers.ValidationError(
-                {"Idempotency-Key": ["Must be 1 to 255 characters."]}
-            )
+            raise serializers.ValidationError({"Idempotency-Key": ["Must be 1 to 255 characters."]})
         if from_body and from_body != header:
             raise serializers.ValidationError(
                 {"idempotency_key": ["Differs from the Idempotency-Key header."]}

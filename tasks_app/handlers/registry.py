@@ -114,7 +114,10 @@ class HandlerRegistry:
             if task_type in self._specs and self._specs[task_type].func is not func:
                 raise ValueError(f"task type {task_type} is already registered")
             self._specs[task_type] = HandlerSpec(
-                task_type, func, schema, description or (func.__doc__ or "").strip(),
+                task_type,
+                func,
+                schema,
+                description or (func.__doc__ or "").strip(),
                 extra_validator,
             )
             return func

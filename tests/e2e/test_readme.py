@@ -39,10 +39,17 @@ def _quickstart() -> str:
 
 
 def _embedded_env(tmp_path: Path, bind: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("QW_", "DATABASE_URL", "CELERY_", "DJANGO_"))}
-    env.update(QW_VAR_DIR=str(tmp_path / "var"), QW_BIND=bind,
-               FLOWER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("QW_", "DATABASE_URL", "CELERY_", "DJANGO_"))
+    }
+    env.update(
+        QW_VAR_DIR=str(tmp_path / "var"),
+        QW_BIND=bind,
+        FLOWER_PORT=str(_free_port()),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -64,8 +71,14 @@ def test_make_run_serves_the_quick_start_on_the_embedded_default(tmp_path):
     bind = f"127.0.0.1:{_free_port()}"
     env = _embedded_env(tmp_path, bind)
     log = (tmp_path / "make-run.log").open("wb")
-    run = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+    run = subprocess.Popen(
+        ["make", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while _get(f"http://{bind}/api/health/live/")[0] != 200:
@@ -79,8 +92,14 @@ def test_make_run_serves_the_quick_start_on_the_embedded_default(tmp_path):
         # when the README's quick start runs in a second terminal
         script = _quickstart().replace("127.0.0.1:8000", bind)
         script += '\necho\necho "TOKEN=$TOKEN"\necho "TASK=$TASK"\n'
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
 
         # then the task it submitted completes, with the result and log the README promises
@@ -132,11 +151,15 @@ def test_every_other_readme_command_names_a_real_target_or_subcommand():
             target = words[1] if len(words) > 1 else "all"
             result = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True)
         elif program.startswith("python") and words[1:2] == ["manage.py"]:
-            result = subprocess.run([python, "manage.py", "help", words[2]], cwd=ROOT,
-                                    capture_output=True)
+            result = subprocess.run(
+                [python, "manage.py", "help", words[2]], cwd=ROOT, capture_output=True
+            )
         elif program == "celery":
-            result = subprocess.run([python, "-m", "celery", "-A", "queueworker", words[3],
-                                     "--help"], cwd=ROOT, capture_output=True)
+            result = subprocess.run(
+                [python, "-m", "celery", "-A", "queueworker", words[3], "--help"],
+                cwd=ROOT,
+                capture_output=True,
+            )
         elif program == "createdb":
             continue  # PostgreSQL's own client, shown for the server setup
         else:

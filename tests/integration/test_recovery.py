@@ -24,8 +24,11 @@ def _status(task_id: str) -> str:
 
 
 def _events(task_id: str) -> list[str]:
-    return list(TaskLog.objects.filter(task_id=task_id).order_by("created_at", "id")
-                .values_list("event", flat=True))
+    return list(
+        TaskLog.objects.filter(task_id=task_id)
+        .order_by("created_at", "id")
+        .values_list("event", flat=True)
+    )
 
 
 @pytest.mark.parametrize("target", ["whole worker", "pool child"])
@@ -54,9 +57,7 @@ def test_worker_killed_mid_task_the_task_still_completes_once(api, spawn, target
     assert task.retries == 1 and task.attempt == 2
 
 
-def test_message_lost_between_commit_and_publish_is_delivered_by_the_sweep(
-    api, spawn, monkeypatch
-):
+def test_message_lost_between_commit_and_publish_is_delivered_by_the_sweep(api, spawn, monkeypatch):
     # given a task committed whose message never reached the broker (a crash before publish)
     monkeypatch.setattr(dispatch, "publish", lambda wakeups: 0)
     task_id = api.post("/api/tasks/", {"type": "NOOP"}, format="json").json()["id"]
@@ -114,7 +115,9 @@ def test_delayed_task_waits_in_the_database_and_runs_when_due(api, spawn):
     spawn("worker")
     spawn("beat", **FAST_SWEEP)
     started = time.monotonic()
-    task_id = api.post("/api/tasks/", {"type": "NOOP", "delay_ms": 1500}, format="json").json()["id"]
+    task_id = api.post("/api/tasks/", {"type": "NOOP", "delay_ms": 1500}, format="json").json()[
+        "id"
+    ]
     assert Task.objects.get(pk=task_id).dispatched_at is None
 
     wait_for(lambda: _status(task_id) == TaskStatus.COMPLETED, timeout=15)

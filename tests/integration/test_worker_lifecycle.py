@@ -34,8 +34,12 @@ def _logs(task_id: str) -> list[TaskLog]:
 
 def test_task_failing_twice_then_succeeding_retries_with_growing_gaps(api, worker):
     # given a task that fails its first two attempts, with a fixed (un-jittered) backoff
-    body = {"type": "NOOP", "payload": {"fail_times": 2}, "retry_backoff_s": 0.3,
-            "retry_jitter": False}
+    body = {
+        "type": "NOOP",
+        "payload": {"fail_times": 2},
+        "retry_backoff_s": 0.3,
+        "retry_jitter": False,
+    }
     task_id = api.post("/api/tasks/", body, format="json").json()["id"]
 
     # when the worker runs it
@@ -55,13 +59,18 @@ def test_task_failing_twice_then_succeeding_retries_with_growing_gaps(api, worke
 
 
 def test_task_failing_for_good_ends_failed_in_the_dead_letter_queue(api, worker):
-    retryable = api.post("/api/tasks/", {"type": "NOOP", "payload": {"fail_times": 5},
-                                          "max_retries": 1, "retry_backoff_s": 0.1},
-                         format="json").json()["id"]
-    permanent = api.post("/api/tasks/", {"type": "NOOP", "payload": {"fail": True}},
-                         format="json").json()["id"]
+    retryable = api.post(
+        "/api/tasks/",
+        {"type": "NOOP", "payload": {"fail_times": 5}, "max_retries": 1, "retry_backoff_s": 0.1},
+        format="json",
+    ).json()["id"]
+    permanent = api.post(
+        "/api/tasks/", {"type": "NOOP", "payload": {"fail": True}}, format="json"
+    ).json()["id"]
 
-    wait_for(lambda: _status(retryable) == TaskStatus.FAILED and _status(permanent) == TaskStatus.FAILED)
+    wait_for(
+        lambda: _status(retryable) == TaskStatus.FAILED and _status(permanent) == TaskStatus.FAILED
+    )
 
     dead = {row["id"]: row for row in api.get("/api/queues/dead-letter/").json()["results"]}
     assert dead[retryable]["failure_class"] == "retries_exhausted"
@@ -72,16 +81,22 @@ def test_task_failing_for_good_ends_failed_in_the_dead_letter_queue(api, worker)
     assert [log.event for log in _logs(permanent)] == ["created", "started", "failed"]
 
     # and a redrive sends it back through the worker
-    response = api.post("/api/queues/dead-letter/redrive/", {"task_ids": [retryable]},
-                        format="json")
+    response = api.post(
+        "/api/queues/dead-letter/redrive/", {"task_ids": [retryable]}, format="json"
+    )
     assert response.status_code == 202 and response.json() == {"redriven": 1}
-    wait_for(lambda: _status(retryable) == TaskStatus.FAILED
-             and any(log.event == "requeued" for log in _logs(retryable)))
+    wait_for(
+        lambda: (
+            _status(retryable) == TaskStatus.FAILED
+            and any(log.event == "requeued" for log in _logs(retryable))
+        )
+    )
 
 
 def test_cancel_while_running_stops_the_handler_at_its_next_check(api, worker):
-    task_id = api.post("/api/tasks/", {"type": "NOOP", "payload": {"sleep_ms": 20000}},
-                       format="json").json()["id"]
+    task_id = api.post(
+        "/api/tasks/", {"type": "NOOP", "payload": {"sleep_ms": 20000}}, format="json"
+    ).json()["id"]
     wait_for(lambda: _status(task_id) == TaskStatus.PROCESSING)
 
     response = api.post(f"/api/tasks/{task_id}/cancel/")

@@ -260,8 +260,6 @@ def test_invalid_content_length_answers_400(api, nothing_written):
     assert "Content-Length" in response.json()["detail"]
 
 
-
-
 def _wsgi_post_without_length(api, body: bytes) -> Any:
     """POST ``body`` as gunicorn presents a chunked request: no CONTENT_LENGTH, the de-chunked
     stream in ``wsgi.input`` and ``wsgi.input_terminated`` set."""

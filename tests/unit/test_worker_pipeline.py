@@ -315,8 +315,6 @@ def test_non_json_result_failed(handler_type, result):
     assert row.result is None
 
 
-
-
 def test_result_with_nul_character_failed(handler_type):
     task = make_task(type=handler_type(lambda ctx, payload: {"text": "a\x00b"}))
 
