@@ -106,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_bare:
             log(f"scenario bare Celery: {args.tasks:,} no-op tasks on queue bench.bare")
             bare = scenarios.run_bare(
-                processes, iso.broker_url, args.tasks, timeout=args.timeout,
-                concurrency=CONCURRENCY, log=log,
+                processes,
+                iso.broker_url,
+                args.tasks,
+                timeout=args.timeout,
+                concurrency=CONCURRENCY,
+                log=log,
             )
         log("")
         log(report.render(n=args.tasks, mode_lines=mode_lines, bulk=bulk, single=single, bare=bare))
@@ -152,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             log(f"results: {path}")
         if args.keep:
-            log(
-                f"kept (--keep): database {iso.database_url}, vhost {iso.name}, "
-                f"logs {iso.log_dir}"
-            )
+            log(f"kept (--keep): database {iso.database_url}, vhost {iso.name}, logs {iso.log_dir}")
         else:
             problems = iso.teardown()
             for problem in problems:

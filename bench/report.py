@@ -53,18 +53,22 @@ def ratio_of(bulk: BulkResult | None, bare: BareResult | None) -> float | None:
 
 
 def describe_mode(mode: dict[str, Any], concurrency: int, web_workers: int) -> list[str]:
-    worker_commit = "synchronous" if mode.get("worker_sync_commit") else "off (SET synchronous_commit TO OFF)"
+    """The settings that decide the figures, as the service's own processes read them."""
+    m = mode.get
+    worker_commit = (
+        "synchronous" if m("worker_sync_commit") else "async (SET synchronous_commit TO OFF)"
+    )
     return [
-        f"web: gunicorn queueworker.wsgi --workers {web_workers} (sync workers); "
-        f"API create commit synchronous (server synchronous_commit={mode.get('server_synchronous_commit')})",
-        f"worker: celery -A queueworker worker -c {concurrency} -P prefork (all work queues); "
-        f"prefetch multiplier {mode.get('prefetch_multiplier')}, acks_late {mode.get('acks_late')}, "
-        f"reject_on_worker_lost {mode.get('reject_on_worker_lost')}",
-        f"broker: publisher confirms (confirm_publish) {mode.get('confirm_publish')}; "
-        f"worker commit: {worker_commit} (QW_WORKER_SYNC_COMMIT={mode.get('worker_sync_commit')})",
-        f"db: CELERY_DB_REUSE_MAX {mode.get('db_reuse_max')}, CONN_MAX_AGE {mode.get('conn_max_age')}; "
-        f"DEBUG {mode.get('debug')}, LOG_LEVEL {mode.get('log_level')}, "
-        f"QW_THROTTLE_CREATE {mode.get('throttle_create')}",
+        f"web: gunicorn queueworker.wsgi --workers {web_workers} (sync workers); API create "
+        f"commit synchronous (server synchronous_commit={m('server_synchronous_commit')})",
+        f"worker: celery -A queueworker worker -c {concurrency} -P prefork, all work queues; "
+        f"prefetch multiplier {m('prefetch_multiplier')}, acks_late {m('acks_late')}, "
+        f"reject_on_worker_lost {m('reject_on_worker_lost')}",
+        f"broker: publisher confirms (confirm_publish) {m('confirm_publish')}; "
+        f"worker commit {worker_commit} (QW_WORKER_SYNC_COMMIT={m('worker_sync_commit')})",
+        f"db: CELERY_DB_REUSE_MAX {m('db_reuse_max')}, CONN_MAX_AGE {m('conn_max_age')}; "
+        f"DEBUG {m('debug')}, LOG_LEVEL {m('log_level')}, "
+        f"QW_THROTTLE_CREATE {m('throttle_create')}",
         f"bare Celery: -c {concurrency} prefork, prefetch multiplier 1, acks_late, "
         "confirm_publish, json, results ignored, durable classic queue bench.bare",
     ]

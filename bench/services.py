@@ -72,8 +72,7 @@ class Child:
     def check_alive(self) -> None:
         if not self.alive():
             raise BenchError(
-                f"{self.name} exited with code {self.popen.returncode}; last output:\n"
-                f"{self.tail()}"
+                f"{self.name} exited with code {self.popen.returncode}; last output:\n{self.tail()}"
             )
 
     def tail(self, lines: int = 30) -> str:
@@ -161,7 +160,8 @@ class Processes:
             raise BenchError(f"{name} did not finish within {timeout:.0f}s") from exc
         log_path.write_text(f"$ {' '.join(argv)}\n{done.stdout}\n--- stderr ---\n{done.stderr}")
         if done.returncode != 0:
-            raise BenchError(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            last = "\n".join(done.stderr.splitlines()[-15:])
+            raise BenchError(f"{name} failed (exit {done.returncode}), stderr ends:\n{last}")
         return done.stdout
 
 
@@ -203,7 +203,7 @@ def http_ok(url: str) -> bool:
 def queue_stats(broker_url: str, queue: str) -> tuple[int, int] | None:
     """(ready messages, consumers) of ``queue`` by a passive declare; None if it does not exist."""
     with Connection(broker_url, connect_timeout=5) as conn:
-        channel = conn.channel()
+        channel: Any = conn.channel()  # an amqp channel (kombu types it as StdChannel)
         try:
             _, messages, consumers = channel.queue_declare(queue=queue, passive=True)
         except conn.channel_errors:
@@ -227,7 +227,9 @@ def queues_consumed(broker_url: str, queues: Iterable[str]) -> bool:
 # --- isolation ---------------------------------------------------------------------------------
 
 
-def _base_url(bench_var: str, service_var: str, scheme_prefixes: tuple[str, ...], default: str) -> str:
+def _base_url(
+    bench_var: str, service_var: str, scheme_prefixes: tuple[str, ...], default: str
+) -> str:
     for name in (bench_var, service_var):
         value = os.environ.get(name, "")
         if value.startswith(scheme_prefixes):
