@@ -100,6 +100,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
 elif _db["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
     _db["ENGINE"] = "django.db.backends.postgresql"
     _db.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
+    # Server-side binding lets psycopg prepare statements that repeat (the claim and the
+    # completion run once per task): PostgreSQL then skips parsing and planning them.
+    _db["OPTIONS"].setdefault("server_side_binding", env.bool("QW_DB_SERVER_SIDE_BINDING", True))
     _db["CONN_MAX_AGE"] = env.int("QW_DB_CONN_MAX_AGE", 600, minimum=0)
 else:
     raise ImproperlyConfigured(

@@ -7,7 +7,6 @@ from typing import Any
 
 from celery import signals
 from django.conf import settings
-from django.db import connections
 from django.db.backends.signals import connection_created
 
 from queueworker import messaging
@@ -30,14 +29,6 @@ def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:
 def _init_worker_process(**kwargs: Any) -> None:
     if not settings.QW_WORKER_SYNC_COMMIT:
         connection_created.connect(_async_commit, weak=False, dispatch_uid="qw_async_commit")
-
-
-@signals.task_prerun.connect
-def _check_connections(**kwargs: Any) -> None:
-    # Celery keeps connections across tasks (CELERY_DB_REUSE_MAX); drop a broken or expired one
-    # and have the next query health-check it, so a PostgreSQL restart costs no task.
-    for conn in connections.all(initialized_only=True):
-        conn.close_if_unusable_or_obsolete()
 
 
 @signals.worker_ready.connect

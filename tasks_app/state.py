@@ -29,6 +29,7 @@ from tasks_app.transitions import TRANSITIONS, Transition
 __all__ = [
     "LogEntry",
     "apply",
+    "apply_quiet",
     "cancel",
     "cancel_running",
     "claim",
@@ -58,6 +59,7 @@ class LogEntry:
 
 
 _COLUMNS: list[str] = [str(f.column) for f in Task._meta.concrete_fields]
+_RETURNING_ALL = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
 
 
 def _field(name: str) -> Field[Any, Any]:
@@ -68,21 +70,17 @@ def _prep(name: str, value: Any) -> Any:
     return _field(name).get_db_prep_save(value, connection)
 
 
-def apply(
+def _update(
     task_id: Any,
     transition: Transition,
-    *,
-    values: dict[str, Any] | None = None,
-    attempt: int | None = None,
-    where: Expr | None = None,
-    log: LogEntry | None = None,
-    now: datetime | None = None,
-) -> Task | None:
-    """Apply ``transition`` to one task if its guard holds; return the updated row or None."""
+    values: dict[str, Any] | None,
+    attempt: int | None,
+    where: Expr | None,
+) -> tuple[str, list[Any]]:
+    """The guarded ``UPDATE`` (without ``RETURNING``) for one transition, and its parameters."""
     rule = TRANSITIONS[transition]
     if rule.fenced and attempt is None:
         raise ValueError(f"{transition} is fenced: pass the attempt that claimed the task")
-    now = now or timezone.now()
     qn = connection.ops.quote_name
     assignments = {"status": rule.target, **(values or {})}
     sets: list[str] = []
@@ -106,36 +104,93 @@ def apply(
         conditions.append(f"({where.sql})")
         params.extend(where.params)
     table = qn(Task._meta.db_table)
-    returning = ", ".join(qn(c) for c in _COLUMNS)
     # Identifiers are quoted model names; every value is a parameter.
-    update = f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}"  # noqa: S608
+    return f"UPDATE {table} SET {', '.join(sets)} WHERE {' AND '.join(conditions)}", params  # noqa: S608
 
+
+def _with_log(update: str, returning: str) -> str:
+    """PostgreSQL: the UPDATE and its log INSERT as one statement (one round trip, one commit)."""
+    log_table = connection.ops.quote_name(TaskLog._meta.db_table)
+    return (
+        f"WITH t AS ({update} RETURNING {returning}), "  # noqa: S608  # quoted identifiers only
+        f"l AS (INSERT INTO {log_table} (task_id, level, event, message, data, created_at) "
+        f"SELECT t.id, %s, %s, %s, %s::jsonb || jsonb_build_object('attempt', t.attempt), %s "
+        f"FROM t) SELECT * FROM t"
+    )
+
+
+def _log_params(transition: Transition, log: LogEntry | None, now: datetime) -> list[Any]:
     log = log or LogEntry()
-    event = log.event or rule.event
-    log_table = qn(TaskLog._meta.db_table)
-    log_params = [log.level, event, log.message]
+    return [
+        log.level,
+        log.event or TRANSITIONS[transition].event,
+        log.message,
+        json.dumps(log.data),
+        now,
+    ]
+
+
+def _write_log(task_id: Any, attempt: int, log_params: list[Any]) -> None:
+    level, event, message, data, _ = log_params
+    TaskLog.objects.create(
+        task_id=task_id,
+        level=level,
+        event=event,
+        message=message,
+        data={**json.loads(data), "attempt": attempt},
+    )
+
+
+def apply(
+    task_id: Any,
+    transition: Transition,
+    *,
+    values: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    where: Expr | None = None,
+    log: LogEntry | None = None,
+    now: datetime | None = None,
+) -> Task | None:
+    """Apply ``transition`` to one task if its guard holds; return the updated row or None."""
+    now = now or timezone.now()
+    update, params = _update(task_id, transition, values, attempt, where)
+    returning = _RETURNING_ALL
+    log_params = _log_params(transition, log, now)
     if connection.vendor == "postgresql":
-        # Quoted identifiers only; every value is a parameter.
-        sql = (
-            f"WITH t AS ({update} RETURNING {returning}), "  # noqa: S608
-            f"l AS (INSERT INTO {log_table} (task_id, level, event, message, data, created_at) "
-            f"SELECT t.id, %s, %s, %s, %s::jsonb || jsonb_build_object('attempt', t.attempt), %s "
-            f"FROM t) SELECT * FROM t"
-        )
-        rows = list(Task.objects.raw(sql, [*params, *log_params, json.dumps(log.data), now]))
+        rows = list(Task.objects.raw(_with_log(update, returning), [*params, *log_params]))
         return rows[0] if rows else None
     with transaction.atomic():
         rows = list(Task.objects.raw(f"{update} RETURNING {returning}", params))
-        if not rows:
-            return None
-        TaskLog.objects.create(
-            task_id=rows[0].id,
-            level=log.level,
-            event=event,
-            message=log.message,
-            data={**log.data, "attempt": rows[0].attempt},
-        )
-        return rows[0]
+        if rows:
+            _write_log(rows[0].id, rows[0].attempt, log_params)
+        return rows[0] if rows else None
+
+
+def apply_quiet(
+    task_id: Any,
+    transition: Transition,
+    *,
+    values: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    where: Expr | None = None,
+    log: LogEntry | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """``apply`` for callers that need only whether it happened (no row is read back)."""
+    now = now or timezone.now()
+    update, params = _update(task_id, transition, values, attempt, where)
+    log_params = _log_params(transition, log, now)
+    returning = "id, attempt"
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(_with_log(update, returning), [*params, *log_params])
+            return cursor.fetchone() is not None
+        with transaction.atomic():
+            cursor.execute(f"{update} RETURNING {returning}", params)
+            row = cursor.fetchone()
+            if row is not None:
+                _write_log(row[0], row[1], log_params)
+            return row is not None
 
 
 def claim(
@@ -166,22 +221,19 @@ def claim(
 
 def complete(task_id: Any, attempt: int, result: Any, *, now: datetime | None = None) -> bool:
     now = now or timezone.now()
-    return (
-        apply(
-            task_id,
-            Transition.COMPLETE,
-            attempt=attempt,
-            values={
-                "result": result,
-                "finished_at": now,
-                "lease_expires_at": None,
-                "error": "",
-                "failure_class": "",
-            },
-            log=LogEntry(message="completed"),
-            now=now,
-        )
-        is not None
+    return apply_quiet(
+        task_id,
+        Transition.COMPLETE,
+        attempt=attempt,
+        values={
+            "result": result,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "error": "",
+            "failure_class": "",
+        },
+        log=LogEntry(message="completed"),
+        now=now,
     )
 
 
@@ -253,16 +305,13 @@ def fail(
 
 def cancel_running(task_id: Any, attempt: int, *, now: datetime | None = None) -> bool:
     now = now or timezone.now()
-    return (
-        apply(
-            task_id,
-            Transition.CANCEL_RUNNING,
-            attempt=attempt,
-            values={"finished_at": now, "lease_expires_at": None},
-            log=LogEntry(message="cancelled while running"),
-            now=now,
-        )
-        is not None
+    return apply_quiet(
+        task_id,
+        Transition.CANCEL_RUNNING,
+        attempt=attempt,
+        values={"finished_at": now, "lease_expires_at": None},
+        log=LogEntry(message="cancelled while running"),
+        now=now,
     )
 
 

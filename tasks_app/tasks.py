@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task as CeleryTask
 from celery.exceptions import Reject
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError, connections
 
 from queueworker.messaging import DEFAULT_QUEUE
 from queueworker.tasking import instrumented_task
@@ -42,7 +42,9 @@ def execute_task(
         if outcome.status == "skipped" and not Task.objects.filter(id=task_id).exists():
             raise Reject(f"no task {task_id}", requeue=False)
     except (OperationalError, InterfaceError) as exc:
-        # The database is restarting or unreachable: wait and try again; the row is unchanged.
+        # The database is restarting or unreachable: drop the broken connection (Celery keeps
+        # connections across tasks), wait and try again; the row is unchanged.
+        close_broken_connections()
         countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
         logger.warning("database unavailable for task %s, retrying in %ss", task_id, countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
@@ -58,3 +60,13 @@ def _timeout_from(metadata: dict[str, Any] | None) -> int:
     except (TypeError, ValueError):
         value = settings.QW_MAX_TIMEOUT_S
     return max(1, min(value, settings.QW_MAX_TIMEOUT_S))
+
+
+def close_broken_connections() -> None:
+    """Close connections that raised: the next task reconnects instead of failing again.
+
+    Connections are kept across tasks and not health-checked before each one (that costs a
+    round trip per task); a broken one is found by the error it raises, and closed here.
+    """
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
