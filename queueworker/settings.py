@@ -103,6 +103,10 @@ elif _db["ENGINE"] in ("django.db.backends.postgresql", "django.db.backends.post
     # Server-side binding lets psycopg prepare statements that repeat (the claim and the
     # completion run once per task): PostgreSQL then skips parsing and planning them.
     _db["OPTIONS"].setdefault("server_side_binding", env.bool("QW_DB_SERVER_SIDE_BINDING", True))
+    # Django turns psycopg's automatic preparation off; prepare a statement after it ran this
+    # many times (0: never, for a transaction-pooling proxy that cannot keep them).
+    _prepare = env.int("QW_DB_PREPARE_THRESHOLD", 5, minimum=0)
+    _db["OPTIONS"].setdefault("prepare_threshold", _prepare or None)
     _db["CONN_MAX_AGE"] = env.int("QW_DB_CONN_MAX_AGE", 600, minimum=0)
 else:
     raise ImproperlyConfigured(

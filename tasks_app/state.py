@@ -58,7 +58,32 @@ class LogEntry:
     event: str | None = None  # defaults to the transition's event
 
 
-_COLUMNS: list[str] = [str(f.column) for f in Task._meta.concrete_fields]
+_FIELDS = list(Task._meta.concrete_fields)
+_COLUMNS: list[str] = [str(f.column) for f in _FIELDS]
+_ATTNAMES: list[str] = [f.attname for f in _FIELDS]
+_converters_by_vendor: dict[str, list[tuple[int, list[Any], Any]]] = {}
+
+
+def _task_from_row(row: Any) -> Task:
+    """A Task from a ``RETURNING *`` row, converted as Django's compiler would convert it.
+
+    ``Model.objects.raw`` does the same but resolves its column mapping on every call, which
+    cost more than the statement itself on the worker's claim.
+    """
+    converters = _converters_by_vendor.get(connection.vendor)
+    if converters is None:
+        converters = []
+        for index, field in enumerate(_FIELDS):
+            column = field.get_col(Task._meta.db_table)
+            found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+            if found:
+                converters.append((index, found, column))
+        _converters_by_vendor[connection.vendor] = converters
+    values = list(row)
+    for index, functions, column in converters:
+        for convert in functions:
+            values[index] = convert(values[index], column, connection)
+    return Task.from_db(connection.alias, _ATTNAMES, values)
 _RETURNING_ALL = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
 
 
@@ -156,14 +181,19 @@ def apply(
     update, params = _update(task_id, transition, values, attempt, where)
     returning = _RETURNING_ALL
     log_params = _log_params(transition, log, now)
-    if connection.vendor == "postgresql":
-        rows = list(Task.objects.raw(_with_log(update, returning), [*params, *log_params]))
-        return rows[0] if rows else None
-    with transaction.atomic():
-        rows = list(Task.objects.raw(f"{update} RETURNING {returning}", params))
-        if rows:
-            _write_log(rows[0].id, rows[0].attempt, log_params)
-        return rows[0] if rows else None
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(_with_log(update, returning), [*params, *log_params])
+            row = cursor.fetchone()
+            return _task_from_row(row) if row is not None else None
+        with transaction.atomic():
+            cursor.execute(f"{update} RETURNING {returning}", params)
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            task = _task_from_row(row)
+            _write_log(task.id, task.attempt, log_params)
+            return task
 
 
 def apply_quiet(
