@@ -130,7 +130,8 @@ class PublishNotConfirmed(Exception):
 
 def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
     """Publish on a fresh confirm-mode channel; wait once for all the broker's confirms."""
-    with app.pool.acquire(block=True) as conn:
+    pool: Any = app.pool  # kombu's connection pool (the stubs type it as a producer pool)
+    with pool.acquire(block=True) as conn:
         channel = conn.channel()
         try:
             channel.confirm_select()

@@ -84,6 +84,8 @@ def _task_from_row(row: Any) -> Task:
         for convert in functions:
             values[index] = convert(values[index], column, connection)
     return Task.from_db(connection.alias, _ATTNAMES, values)
+
+
 _RETURNING_ALL = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
 
 

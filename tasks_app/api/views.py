@@ -88,7 +88,7 @@ class TaskViewSet(viewsets.GenericViewSet):
             owner=cast(User, request.user), spec=body.to_spec(idempotency_key=key)
         )
         return Response(
-            TaskDetailOutput(task).data,
+            TaskDetailOutput(task, context={"created": created}).data,
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
             headers={"Location": f"/api/tasks/{task.id}/"},
         )
