@@ -257,6 +257,10 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "queueworker.schema.add_payload_schemas",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "TaskStatusEnum": "tasks_app.models.TaskStatus",
     },

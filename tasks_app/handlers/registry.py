@@ -12,6 +12,7 @@ and lists the module in ``QW_HANDLER_MODULES`` so that web and workers import it
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ class HandlerRegistry:
                 task_type,
                 func,
                 schema,
-                description or (func.__doc__ or "").strip(),
+                description or inspect.cleandoc(func.__doc__ or ""),
                 extra_validator,
             )
             return func
