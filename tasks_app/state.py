@@ -58,9 +58,12 @@ class LogEntry:
     event: str | None = None  # defaults to the transition's event
 
 
-_FIELDS = list(Task._meta.concrete_fields)
+# Every column, id and attempt first: the SQLite path writes the log row from those two.
+_FIELDS = sorted(Task._meta.concrete_fields, key=lambda f: f.attname not in ("id", "attempt"))
 _COLUMNS: list[str] = [str(f.column) for f in _FIELDS]
-_ATTNAMES: list[str] = [f.attname for f in _FIELDS]
+_ATTNAMES: list[str] = [f.attname for f in Task._meta.concrete_fields]
+# Model.from_db takes a full row positionally in the model's field order.
+_TO_MODEL_ORDER = [_FIELDS.index(f) for f in Task._meta.concrete_fields]
 _converters_by_vendor: dict[str, list[tuple[int, list[Any], Any]]] = {}
 
 
@@ -83,10 +86,11 @@ def _task_from_row(row: Any) -> Task:
     for index, functions, column in converters:
         for convert in functions:
             values[index] = convert(values[index], column, connection)
-    return Task.from_db(connection.alias, _ATTNAMES, values)
+    return Task.from_db(connection.alias, _ATTNAMES, [values[i] for i in _TO_MODEL_ORDER])
 
 
 _RETURNING_ALL = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS)
+_RETURNING_ID_ATTEMPT = ", ".join(connection.ops.quote_name(c) for c in _COLUMNS[:2])
 
 
 def _field(name: str) -> Field[Any, Any]:
@@ -168,6 +172,36 @@ def _write_log(task_id: Any, attempt: int, log_params: list[Any]) -> None:
     )
 
 
+def _execute(
+    task_id: Any,
+    transition: Transition,
+    returning: str,
+    *,
+    values: dict[str, Any] | None,
+    attempt: int | None,
+    where: Expr | None,
+    log: LogEntry | None,
+    now: datetime | None,
+) -> tuple[Any, ...] | None:
+    """Run one guarded transition with its log row; the ``RETURNING`` row, or None if refused.
+
+    ``returning`` must start with the id and attempt columns (the SQLite path logs with them).
+    """
+    now = now or timezone.now()
+    update, params = _update(task_id, transition, values, attempt, where)
+    log_params = _log_params(transition, log, now)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(_with_log(update, returning), [*params, *log_params])
+            return cursor.fetchone()
+        with transaction.atomic():
+            cursor.execute(f"{update} RETURNING {returning}", params)
+            row = cursor.fetchone()
+            if row is not None:
+                _write_log(row[0], row[1], log_params)
+            return row
+
+
 def apply(
     task_id: Any,
     transition: Transition,
@@ -179,23 +213,17 @@ def apply(
     now: datetime | None = None,
 ) -> Task | None:
     """Apply ``transition`` to one task if its guard holds; return the updated row or None."""
-    now = now or timezone.now()
-    update, params = _update(task_id, transition, values, attempt, where)
-    returning = _RETURNING_ALL
-    log_params = _log_params(transition, log, now)
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(_with_log(update, returning), [*params, *log_params])
-            row = cursor.fetchone()
-            return _task_from_row(row) if row is not None else None
-        with transaction.atomic():
-            cursor.execute(f"{update} RETURNING {returning}", params)
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            task = _task_from_row(row)
-            _write_log(task.id, task.attempt, log_params)
-            return task
+    row = _execute(
+        task_id,
+        transition,
+        _RETURNING_ALL,
+        values=values,
+        attempt=attempt,
+        where=where,
+        log=log,
+        now=now,
+    )
+    return _task_from_row(row) if row is not None else None
 
 
 def apply_quiet(
@@ -209,20 +237,17 @@ def apply_quiet(
     now: datetime | None = None,
 ) -> bool:
     """``apply`` for callers that need only whether it happened (no row is read back)."""
-    now = now or timezone.now()
-    update, params = _update(task_id, transition, values, attempt, where)
-    log_params = _log_params(transition, log, now)
-    returning = "id, attempt"
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(_with_log(update, returning), [*params, *log_params])
-            return cursor.fetchone() is not None
-        with transaction.atomic():
-            cursor.execute(f"{update} RETURNING {returning}", params)
-            row = cursor.fetchone()
-            if row is not None:
-                _write_log(row[0], row[1], log_params)
-            return row is not None
+    row = _execute(
+        task_id,
+        transition,
+        _RETURNING_ID_ATTEMPT,
+        values=values,
+        attempt=attempt,
+        where=where,
+        log=log,
+        now=now,
+    )
+    return row is not None
 
 
 def claim(
