@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the database, vhost and logs (debugging)"
     )
     parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="worker prefetch multiplier for both QueueWorker (QW_WORKER_PREFETCH) and bare "
+        "Celery (default: the service's setting, 1)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -62,6 +69,9 @@ def log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prefetch is not None:
+        # Read by the service's settings in every child, and by the bare app; one mode for both.
+        os.environ["QW_WORKER_PREFETCH"] = str(args.prefetch)
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
     iso = Isolation()

@@ -1,6 +1,6 @@
 """A bare Celery app, the yardstick: a no-op task, no Django, no database.
 
-It keeps the reliability settings the service keeps (JSON, late acks, prefetch multiplier 1,
+It keeps the reliability settings the service keeps (JSON, late acks, the same prefetch multiplier,
 publisher confirms, no results) and uses its own queue ``bench.bare`` in the run's vhost.
 Worker: ``celery -A bench.bare_app worker -c 2 -P prefork -Q bench.bare``.
 
@@ -32,7 +32,8 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     task_acks_late=True,
-    worker_prefetch_multiplier=1,
+    # The same prefetch as the service's workers (QW_WORKER_PREFETCH, default 1).
+    worker_prefetch_multiplier=int(os.environ.get("QW_WORKER_PREFETCH", "1")),
     broker_transport_options={"confirm_publish": True},
     task_ignore_result=True,
     task_queues=(

@@ -69,7 +69,8 @@ def describe_mode(mode: dict[str, Any], concurrency: int, web_workers: int) -> l
         f"db: CELERY_DB_REUSE_MAX {m('db_reuse_max')}, CONN_MAX_AGE {m('conn_max_age')}; "
         f"DEBUG {m('debug')}, LOG_LEVEL {m('log_level')}, "
         f"QW_THROTTLE_CREATE {m('throttle_create')}",
-        f"bare Celery: -c {concurrency} prefork, prefetch multiplier 1, acks_late, "
+        f"bare Celery: -c {concurrency} prefork, prefetch multiplier "
+        f"{m('prefetch_multiplier')}, acks_late, "
         "confirm_publish, json, results ignored, durable classic queue bench.bare",
     ]
 
