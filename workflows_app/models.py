@@ -1,3 +1,53 @@
-"""Workflow definitions and runs arrive with the workflows issue (DESIGN §9)."""
-
 from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Workflow(models.Model):
+    """A named workflow; its definition lives in versions, the latest of which is current."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="workflows"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="workflow_owner_name"),
+        ]
+        indexes = [models.Index(fields=["owner", "-created_at"], name="workflow_owner_created")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WorkflowVersion(models.Model):
+    """One definition of a workflow, never changed once stored (a run keeps its version)."""
+
+    id = models.BigAutoField(primary_key=True)
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="versions")
+    version = models.PositiveIntegerField()
+    definition = models.JSONField(help_text="The canonical form (legacy definitions normalised).")
+    input_schema = models.JSONField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("workflow", "-version")
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "version"], name="workflow_version_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow_id} v{self.version}"

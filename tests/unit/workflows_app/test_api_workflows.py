@@ -1,0 +1,139 @@
+"""The workflows API: validated definitions, versions on change, owner scoping."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflows_app.models import Workflow, WorkflowVersion
+
+pytestmark = pytest.mark.django_db
+
+DEFINITION = {
+    "start": "a",
+    "steps": {"a": {"type": "NOOP", "payload": {}, "next": "b"}, "b": {"type": "NOOP"}},
+}
+
+
+def _create(api, **overrides):
+    body = {"name": "order", "definition": DEFINITION, **overrides}
+    return api.post("/api/workflows/", body, format="json")
+
+
+def test_create_returns_version_1_with_the_canonical_definition(api):
+    response = _create(api, input_schema={"type": "object", "required": ["sku"]})
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["version"] == 1 and body["is_active"] is True
+    assert body["definition"] == DEFINITION
+    assert body["input_schema"] == {"type": "object", "required": ["sku"]}
+    assert response["Location"] == f"/api/workflows/{body['id']}/"
+
+
+def test_invalid_definition_is_a_400_naming_the_path_and_writes_nothing(api):
+    bad = {"start": "a", "steps": {"a": {"type": "NOOP", "next": ["ghost"]}}}
+
+    response = _create(api, definition=bad)
+
+    assert response.status_code == 400
+    assert response.json() == {"definition": ["steps.a.next[0]: unknown step 'ghost'"]}
+    assert Workflow.objects.count() == 0 and WorkflowVersion.objects.count() == 0
+
+
+def test_invalid_input_schema_is_a_400(api):
+    response = _create(api, input_schema={"type": "nonsense"})
+    assert response.status_code == 400
+    assert "input_schema" in response.json()
+
+
+def test_legacy_definition_is_stored_normalised(api):
+    legacy = {"initialTask": {"type": "NOOP", "payload": {"result": 1}}}
+    body = _create(api, definition=legacy).json()
+    assert body["definition"] == {
+        "start": "step1",
+        "steps": {"step1": {"type": "NOOP", "payload": {"result": 1}}},
+    }
+
+
+def test_patch_of_definition_adds_a_version_and_keeps_the_old_one(api):
+    workflow_id = _create(api).json()["id"]
+    changed = {"start": "a", "steps": {"a": {"type": "NOOP", "payload": {"result": 2}}}}
+
+    response = api.patch(f"/api/workflows/{workflow_id}/", {"definition": changed}, format="json")
+
+    assert response.status_code == 200
+    assert response.json()["version"] == 2 and response.json()["definition"] == changed
+    versions = api.get(f"/api/workflows/{workflow_id}/versions/").json()
+    assert [v["version"] for v in versions] == [2, 1]
+    assert versions[1]["definition"] == DEFINITION
+
+
+def test_patch_of_name_or_activity_adds_no_version(api):
+    workflow_id = _create(api).json()["id"]
+
+    body = api.patch(
+        f"/api/workflows/{workflow_id}/", {"is_active": False, "name": "renamed"}, format="json"
+    ).json()
+
+    assert body["version"] == 1 and body["is_active"] is False and body["name"] == "renamed"
+
+
+def test_patch_with_the_same_definition_adds_no_version(api):
+    workflow_id = _create(api).json()["id"]
+    body = api.patch(
+        f"/api/workflows/{workflow_id}/", {"definition": DEFINITION}, format="json"
+    ).json()
+    assert body["version"] == 1
+
+
+def test_invalid_patch_changes_nothing(api):
+    workflow_id = _create(api).json()["id"]
+
+    response = api.patch(
+        f"/api/workflows/{workflow_id}/",
+        {"name": "x", "definition": {"start": "zz", "steps": {}}},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    assert Workflow.objects.get(pk=workflow_id).name == "order"
+    assert WorkflowVersion.objects.filter(workflow_id=workflow_id).count() == 1
+
+
+def test_duplicate_name_for_the_same_owner_is_a_409(api):
+    _create(api)
+    response = _create(api)
+    assert response.status_code == 409 and "name" in response.json()
+
+
+def test_another_users_workflow_is_a_404(api, client_for):
+    from tests.factories import UserFactory
+
+    workflow_id = _create(api).json()["id"]
+    other = client_for(UserFactory())
+
+    assert other.get(f"/api/workflows/{workflow_id}/").status_code == 404
+    assert (
+        other.patch(f"/api/workflows/{workflow_id}/", {"name": "x"}, format="json").status_code
+        == 404
+    )
+    assert other.delete(f"/api/workflows/{workflow_id}/").status_code == 404
+    assert other.get("/api/workflows/").json()["results"] == []
+
+
+def test_list_delete_and_unknown_fields(api):
+    workflow_id = _create(api).json()["id"]
+    assert [w["id"] for w in api.get("/api/workflows/").json()["results"]] == [workflow_id]
+    assert _create(api, name="x", colour=1).json() == {"colour": ["Unknown field."]}
+
+    assert api.delete(f"/api/workflows/{workflow_id}/").status_code == 204
+    assert Workflow.objects.count() == 0
+
+
+def test_schema_documents_the_definition(client):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    definition = schema["components"]["schemas"]["WorkflowCreateInputRequest"]["properties"][
+        "definition"
+    ]
+    titles = [option["title"] for option in definition["oneOf"]]
+    assert titles == ["Canonical form", "Legacy form (normalised on write)"]

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from tasks_app.api.serializers import StrictSerializer
+from workflows_app.definition import JSON_SCHEMA
+
+
+@extend_schema_field(JSON_SCHEMA)
+class DefinitionField(serializers.JSONField):
+    """A workflow definition (validated by the service, which names each path at fault)."""
+
+
+@extend_schema_field({"type": "object", "description": "A JSON Schema for a run's input."})
+class InputSchemaField(serializers.JSONField):
+    pass
+
+
+class WorkflowCreateInput(StrictSerializer):
+    name = serializers.CharField(max_length=200)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    is_active = serializers.BooleanField(required=False, default=True)
+    definition = DefinitionField()
+    input_schema = InputSchemaField(required=False, allow_null=True, default=None)
+
+
+class WorkflowUpdateInput(StrictSerializer):
+    name = serializers.CharField(max_length=200, required=False)
+    description = serializers.CharField(required=False, allow_blank=True)
+    is_active = serializers.BooleanField(required=False)
+    definition = DefinitionField(required=False)
+    input_schema = InputSchemaField(required=False, allow_null=True)
+
+
+class WorkflowOutput(serializers.Serializer):
+    id = serializers.UUIDField(read_only=True)
+    name = serializers.CharField(read_only=True)
+    description = serializers.CharField(read_only=True)
+    is_active = serializers.BooleanField(read_only=True)
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+    version = serializers.IntegerField(read_only=True, help_text="The current (latest) version.")
+    definition = DefinitionField(read_only=True)
+    input_schema = InputSchemaField(read_only=True, allow_null=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+
+
+class WorkflowVersionOutput(serializers.Serializer):
+    version = serializers.IntegerField(read_only=True)
+    definition = DefinitionField(read_only=True)
+    input_schema = InputSchemaField(read_only=True, allow_null=True)
+    created_by = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField(read_only=True)
+
+    def get_created_by(self, version: Any) -> str | None:
+        return version.created_by.get_username() if version.created_by else None
