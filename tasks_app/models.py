@@ -62,6 +62,13 @@ class Task(models.Model):
     # NULL, not "": the unique (owner, key) constraint must admit many tasks without a key.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     request_hash = models.CharField(max_length=64, blank=True, default="")
+    workflow_run = models.ForeignKey(
+        "workflows_app.WorkflowRun",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="tasks",
+    )
     step = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001  # DESIGN §3
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
@@ -106,6 +113,17 @@ class Task(models.Model):
                 condition=Q(idempotency_key__isnull=False),
             ),
             models.CheckConstraint(condition=Q(priority__lte=9), name="task_priority_0_9"),
+            # Coordination is idempotent: one task per step of a run, one compensation per step.
+            models.UniqueConstraint(
+                fields=["workflow_run", "step"],
+                name="task_one_per_run_step",
+                condition=Q(workflow_run__isnull=False) & ~Q(type="COMPENSATION"),
+            ),
+            models.UniqueConstraint(
+                fields=["workflow_run", "step"],
+                name="task_one_compensation_per_run_step",
+                condition=Q(workflow_run__isnull=False) & Q(type="COMPENSATION"),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -83,6 +83,7 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
         .order_by("lease_expires_at")
         .only(
             "id",
+            "workflow_run_id",
             "attempt",
             "retries",
             "max_retries",
@@ -95,8 +96,14 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
     for task in expired:
         retry = task.retries < task.max_retries
         delay = retry_delay(task) if retry else 0.0
-        if state.expire_lease(task, retry=retry, delay_s=delay, now=now) is not None:
-            count += 1
+        with transaction.atomic():
+            expired_task = state.expire_lease(task, retry=retry, delay_s=delay, now=now)
+            if expired_task is not None:
+                count += 1
+                if not retry and expired_task.workflow_run_id is not None:
+                    from workflows_app import coordinator
+
+                    coordinator.task_finished(expired_task)
     if count:
         logger.warning("%d tasks lost their worker (lease expired)", count)
     return count

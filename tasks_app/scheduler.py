@@ -33,12 +33,14 @@ class QueueWorkerScheduler(DatabaseScheduler):
 
     def run_recovery(self) -> None:
         from tasks_app import recovery
+        from workflows_app.recovery import reconcile_runs
 
         now = time.monotonic()
         try:
             if now >= self._next_sweep:
                 self._next_sweep = now + self.sweep_interval
                 recovery.expire_leases()
+                reconcile_runs()
             if now >= self._next_dispatch:
                 self._next_dispatch = now + self.dispatch_interval
                 recovery.dispatch_due()

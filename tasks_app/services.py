@@ -39,6 +39,8 @@ class TaskSpec:
     retry_jitter: bool = True
     idempotency_key: str | None = None
     request_hash: str = ""
+    workflow_run_id: Any = None
+    step: str | None = None
 
 
 def canonical_hash(body: dict[str, Any]) -> str:
@@ -68,6 +70,8 @@ def _build(spec: TaskSpec, owner: User, now: datetime) -> Task:
         # Delayed work waits in the database; the dispatcher publishes it when due.
         dispatched_at=now if immediate else None,
         parent_id=spec.parent_id,
+        workflow_run_id=spec.workflow_run_id,
+        step=spec.step,
         retry_backoff_s=spec.retry_backoff_s,
         retry_backoff_max_s=spec.retry_backoff_max_s,
         retry_jitter=spec.retry_jitter,
@@ -139,11 +143,13 @@ def _earlier_with_key(owner: User, spec: TaskSpec, now: datetime) -> Task | None
     return earlier
 
 
-def task_bulk_create(*, owner: User, specs: Sequence[TaskSpec]) -> list[Task]:
+def task_bulk_create(
+    *, owner: User, specs: Sequence[TaskSpec], by: str | None = None
+) -> list[Task]:
     """Create all tasks in one transaction (all or none), then publish them in one batch."""
     now = timezone.now()
     tasks = [_build(spec, owner, now) for spec in specs]
-    by = owner.get_username()
+    by = by or owner.get_username()
     with transaction.atomic():
         Task.objects.bulk_create(tasks, batch_size=1000)
         TaskLog.objects.bulk_create([_created_log(t, by) for t in tasks], batch_size=1000)
@@ -160,7 +166,12 @@ class CancelResult:
 
 
 def task_cancel(*, task: Task, by: str) -> CancelResult:
-    cancelled = state.cancel(task.id, by=by)
+    with transaction.atomic():
+        cancelled = state.cancel(task.id, by=by)
+        if cancelled is not None and cancelled.workflow_run_id is not None:
+            from workflows_app import coordinator
+
+            coordinator.task_finished(cancelled)
     if cancelled is not None:
         return CancelResult(cancelled, requested=False)
     if state.request_cancel(task.id, by=by):

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import transaction
 
 from tasks_app import dispatch, state
 from tasks_app.backoff import backoff_delay
@@ -70,15 +72,21 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     if task is None:
         return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
     if task.cancel_requested:
-        state.cancel_running(task.id, task.attempt)
+        _finishing(task, lambda: state.cancel_running(task.id, task.attempt))
         return Outcome("cancelled", "cancel requested before start")
     spec = registry.get(task.type)
     if spec is None:
         return _finish_failed(task, f"no handler registered for type {task.type}", retryable=False)
+    if task.workflow_run_id is not None:
+        # A workflow step's payload was completed by $ref values when it started: check it now.
+        problems = spec.validate(task.payload)
+        if problems:
+            detail = "; ".join(f"{path or '(root)'}: {message}" for path, message in problems)
+            return _finish_failed(task, f"invalid payload after $ref: {detail}", retryable=False)
     try:
         result = spec.func(TaskContext(task), task.payload)
     except TaskCancelled:
-        if state.cancel_running(task.id, task.attempt):
+        if _finishing(task, lambda: state.cancel_running(task.id, task.attempt)):
             return Outcome("cancelled")
         return Outcome("stale", "cancelled, but the task had moved on")
     except SoftTimeLimitExceeded:
@@ -102,7 +110,7 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         return _finish_failed(task, f"result is not JSON: {exc}", retryable=False)
     if _contains_nul(result):  # PostgreSQL's jsonb cannot store NUL characters
         return _finish_failed(task, "result contains a NUL character (\\u0000)", retryable=False)
-    if state.complete(task.id, task.attempt, result):
+    if _finishing(task, lambda: state.complete(task.id, task.attempt, result)):
         return Outcome("completed")
     return Outcome("stale", "completion discarded: the task had moved on")
 
@@ -129,7 +137,12 @@ def _finish_failed(
             dispatch.publish([dispatch.wakeup_for(updated, countdown=delay)])
         return Outcome("retrying", f"in {delay:.3f}s")
     final_class = failure_class if retryable else FailureClass.NON_RETRYABLE
-    if state.fail(task.id, task.attempt, error=error, failure_class=final_class) is None:
+    failed = _finishing(
+        task,
+        lambda: state.fail(task.id, task.attempt, error=error, failure_class=final_class)
+        is not None,
+    )
+    if not failed:
         return Outcome("stale", "failure discarded: the task had moved on")
     return Outcome("failed", final_class)
 
@@ -156,3 +169,17 @@ def _contains_nul(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_contains_nul(item) for item in value)
     return False
+
+
+def _finishing(task: Task, transition: Callable[[], bool]) -> bool:
+    """Apply a terminal transition; for a workflow's task, let the coordinator decide what
+    follows in the same transaction, so that the decision can never be lost."""
+    if task.workflow_run_id is None:
+        return transition()
+    from workflows_app import coordinator
+
+    with transaction.atomic():
+        done = transition()
+        if done:
+            coordinator.task_finished(task)
+        return done

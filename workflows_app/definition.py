@@ -194,7 +194,10 @@ def _step(name: str, raw: Any, names: set[str], problems: list[str]) -> Step | N
         return None
     problems += [f"{path}.{key}: unknown field" for key in sorted(set(raw) - STEP_KEYS)]
     task_type = raw.get("type")
-    problems += _check_task(path, task_type, raw.get("payload", {}))
+    if task_type == "COMPENSATION":
+        problems.append(f"{path}.type: COMPENSATION is for a step's compensation, not a step")
+    else:
+        problems += _check_task(path, task_type, raw.get("payload", {}))
     nxt = raw.get("next", [])
     successors: list[str] = []
     if isinstance(nxt, str):

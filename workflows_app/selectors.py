@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import JSONField, OuterRef, QuerySet, Subquery
 
-from workflows_app.models import Workflow, WorkflowVersion
+from tasks_app.models import Task
+from workflows_app.models import Workflow, WorkflowRun, WorkflowVersion
 
 
 def workflow_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Workflow]:
@@ -23,3 +26,40 @@ def workflow_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Workfl
 
 def workflow_versions(workflow: Workflow) -> QuerySet[WorkflowVersion]:
     return workflow.versions.order_by("-version")
+
+
+def run_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[WorkflowRun]:
+    qs = WorkflowRun.objects.select_related("workflow", "version", "owner")
+    if not getattr(user, "is_staff", False):
+        qs = qs.filter(owner_id=user.pk)
+    return qs
+
+
+def run_steps(run: WorkflowRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run's steps in graph order (``task`` null until started) and its compensations."""
+    from workflows_app import coordinator
+
+    tasks = list(Task.objects.filter(workflow_run=run).order_by("created_at"))
+    by_step = coordinator.step_tasks(tasks)
+    graph = coordinator.graph_for(run)
+    steps = []
+    for name in graph.order:
+        task = by_step.get(name)
+        steps.append(
+            {
+                "name": name,
+                "type": graph.steps[name].type,
+                "task": task.id if task else None,
+                "status": task.status if task else None,
+                "result": task.result if task else None,
+                "attempts": task.attempt if task else 0,
+                "started_at": task.started_at if task else None,
+                "finished_at": task.finished_at if task else None,
+            }
+        )
+    compensations = [
+        {"step": t.step, "task": t.id, "status": t.status, "finished_at": t.finished_at}
+        for t in tasks
+        if t.type == coordinator.COMPENSATION_TYPE
+    ]
+    return steps, compensations

@@ -10,9 +10,18 @@ from django.db.models import Max
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from queueworker.errors import Conflict, InvalidInput
+from queueworker.errors import Conflict, InvalidInput, InvalidTransition
+from tasks_app import services as task_services
+from tasks_app.models import TaskStatus
+from workflows_app import coordinator
 from workflows_app import definition as definitions
-from workflows_app.models import Workflow, WorkflowVersion
+from workflows_app.models import (
+    FINISHED_RUN_STATUSES,
+    RunStatus,
+    Workflow,
+    WorkflowRun,
+    WorkflowVersion,
+)
 
 
 def canonical_definition(raw: Any) -> dict[str, Any]:
@@ -122,3 +131,70 @@ def workflow_update(
 
 def workflow_delete(*, workflow: Workflow) -> None:
     workflow.delete()
+
+
+def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:  # noqa: A002
+    """Start a run of the workflow's latest version: its first step is published on commit."""
+    if not workflow.is_active:
+        raise InvalidTransition({"detail": f"Workflow '{workflow.name}' is inactive."})
+    version = workflow.versions.order_by("-version").first()
+    assert version is not None  # every workflow is created with version 1
+    if version.input_schema:
+        problems = sorted(
+            Draft202012Validator(version.input_schema).iter_errors(input),
+            key=lambda e: list(e.absolute_path),
+        )
+        if problems:
+            raise InvalidInput(
+                {"input": [f"{_path(e.absolute_path)}{e.message}" for e in problems]}
+            )
+    graph = coordinator.graph_for_version(version)
+    with transaction.atomic():
+        run = WorkflowRun.objects.create(
+            workflow=workflow, version=version, owner=owner, input=input
+        )
+        run.owner = owner
+        coordinator.start_steps(run, graph, [graph.start], coordinator.context(run, []))
+    return run
+
+
+def _path(parts: Any) -> str:
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return f"{path}: " if path else ""
+
+
+def run_cancel(*, run: WorkflowRun, by: str) -> WorkflowRun:
+    """Stop the run: waiting steps are cancelled, running ones asked to stop, completed ones
+    compensated; the run ends CANCELLED."""
+    with transaction.atomic():
+        locked, tasks = coordinator.locked_run(run.pk)
+        if locked.status in FINISHED_RUN_STATUSES:
+            raise InvalidTransition({"detail": f"Cannot cancel a run that is {locked.status}."})
+        locked.cancel_requested = True
+        if locked.status == RunStatus.RUNNING:
+            locked.status = RunStatus.COMPENSATING
+            locked.error = f"cancelled by {by}"
+        locked.save(update_fields=["cancel_requested", "status", "error", "updated_at"])
+        coordinator.decide(locked, tasks)
+    return locked
+
+
+def run_retry(*, run: WorkflowRun, by: str) -> WorkflowRun:
+    """A FAILED run: re-run the compensation that failed and continue the undo, or (nothing
+    was undone) resume from the failed step, keeping the completed steps' results."""
+    with transaction.atomic():
+        locked, tasks = coordinator.locked_run(run.pk)
+        if locked.status != RunStatus.FAILED:
+            raise InvalidTransition({"detail": f"Cannot retry a run that is {locked.status}."})
+        broken = [t for t in tasks if t.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)]
+        failed_undo = [t for t in broken if t.type == coordinator.COMPENSATION_TYPE]
+        again = failed_undo or broken
+        for task in again:
+            task_services.task_retry(task=task, by=by, reason="workflow run retry")
+        locked.status = RunStatus.COMPENSATING if failed_undo else RunStatus.RUNNING
+        locked.error = ""
+        locked.finished_at = None
+        locked.save(update_fields=["status", "error", "finished_at", "updated_at"])
+    return locked

@@ -29,8 +29,10 @@ def noop(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("fail"):
         raise PermanentError("NOOP asked to fail (fail: true)")
     fail_times = payload.get("fail_times", 0)
-    if ctx.retries < fail_times:
-        raise RetryableError(f"NOOP failing attempt {ctx.retries + 1} of {fail_times} on purpose")
+    # Attempts ever made (the fencing token), not retries since the last requeue: a task
+    # retried by hand after its first attempts failed then succeeds.
+    if ctx.attempt <= fail_times:
+        raise RetryableError(f"NOOP failing attempt {ctx.attempt} of {fail_times} on purpose")
     sleep_s = min(payload.get("sleep_ms", 0) / 1000, ctx.timeout_s)
     deadline = time.monotonic() + sleep_s
     while (left := deadline - time.monotonic()) > 0:

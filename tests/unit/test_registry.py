@@ -204,17 +204,18 @@ def test_noop_fail_raises_permanent_error():
         noop(FakeContext(), {"fail": True, "fail_times": 0})
 
 
-@pytest.mark.parametrize("retries", [0, 1])
-def test_noop_fail_times_above_retries_raises_retryable(retries):
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_noop_fail_times_fails_the_first_attempts(attempt):
     with pytest.raises(RetryableError) as excinfo:
-        noop(FakeContext(retries=retries), {"fail_times": 2})
-    assert f"attempt {retries + 1} of 2" in str(excinfo.value)
+        noop(FakeContext(attempt=attempt), {"fail_times": 2})
+    assert f"attempt {attempt} of 2" in str(excinfo.value)
     assert excinfo.value.retry_after is None
 
 
-@pytest.mark.parametrize("retries", [2, 5])
-def test_noop_fail_times_reached_succeeds(retries):
-    assert noop(FakeContext(retries=retries), {"fail_times": 2})["ok"] is True
+@pytest.mark.parametrize("attempt", [3, 6])
+def test_noop_fail_times_later_attempts_succeed(attempt):
+    # counted by attempt, which a manual retry does not reset (retries it does)
+    assert noop(FakeContext(attempt=attempt, retries=0), {"fail_times": 2})["ok"] is True
 
 
 def test_noop_sleep_bounded_by_timeout():

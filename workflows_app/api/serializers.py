@@ -57,3 +57,53 @@ class WorkflowVersionOutput(serializers.Serializer):
 
     def get_created_by(self, version: Any) -> str | None:
         return version.created_by.get_username() if version.created_by else None
+
+
+class RunStartInput(StrictSerializer):
+    input = serializers.JSONField(required=False, default=dict)
+
+
+class RunStepOutput(serializers.Serializer):
+    name = serializers.CharField()
+    type = serializers.CharField()
+    task = serializers.UUIDField(allow_null=True)
+    status = serializers.CharField(allow_null=True, help_text="null until the step starts")
+    result = serializers.JSONField(allow_null=True)
+    attempts = serializers.IntegerField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class RunCompensationOutput(serializers.Serializer):
+    step = serializers.CharField()
+    task = serializers.UUIDField()
+    status = serializers.CharField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class RunOutput(serializers.Serializer):
+    id = serializers.UUIDField(read_only=True)
+    workflow = serializers.UUIDField(source="workflow_id", read_only=True)
+    version = serializers.IntegerField(source="version.version", read_only=True)
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+    status = serializers.CharField(read_only=True)
+    input = serializers.JSONField(read_only=True)
+    error = serializers.CharField(read_only=True)
+    cancel_requested = serializers.BooleanField(read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+    finished_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+
+class RunDetailOutput(RunOutput):
+    steps = RunStepOutput(many=True, read_only=True)
+    compensations = RunCompensationOutput(many=True, read_only=True)
+
+    def to_representation(self, instance: Any) -> Any:
+        from workflows_app.selectors import run_steps
+
+        data = super().to_representation(instance)
+        steps, compensations = run_steps(instance)
+        data["steps"] = RunStepOutput(steps, many=True).data
+        data["compensations"] = RunCompensationOutput(compensations, many=True).data
+        return data

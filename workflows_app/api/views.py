@@ -13,12 +13,15 @@ from rest_framework.response import Response
 
 from workflows_app import selectors, services
 from workflows_app.api.serializers import (
+    RunDetailOutput,
+    RunOutput,
+    RunStartInput,
     WorkflowCreateInput,
     WorkflowOutput,
     WorkflowUpdateInput,
     WorkflowVersionOutput,
 )
-from workflows_app.models import Workflow
+from workflows_app.models import RunStatus, Workflow, WorkflowRun
 
 
 class WorkflowFilter(django_filters.FilterSet):
@@ -80,9 +83,83 @@ class WorkflowViewSet(viewsets.GenericViewSet):
         services.workflow_delete(workflow=self.get_object())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
+    @extend_schema(
+        request=RunStartInput,
+        responses={
+            201: RunDetailOutput,
+            400: OpenApiResponse(description="The input fails the workflow's input_schema."),
+            409: OpenApiResponse(description="The workflow is inactive."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def runs(self, request: Request, pk: str | None = None) -> Response:
+        """Start a run of the latest version with ``{input}``."""
+        body = RunStartInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        run = services.run_start(
+            workflow=self.get_object(), owner=self._user(), input=body.validated_data["input"]
+        )
+        return Response(
+            RunDetailOutput(run).data,
+            status=status.HTTP_201_CREATED,
+            headers={"Location": f"/api/workflow-runs/{run.pk}/"},
+        )
+
     @extend_schema(responses=WorkflowVersionOutput(many=True))
     @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
     def versions(self, request: Request, pk: str | None = None) -> Response:
         """Every version of the definition, newest first."""
         versions = selectors.workflow_versions(self.get_object()).select_related("created_by")
         return Response(WorkflowVersionOutput(versions, many=True).data)
+
+
+class RunFilter(django_filters.FilterSet):
+    workflow = django_filters.UUIDFilter(field_name="workflow_id")
+    status = django_filters.MultipleChoiceFilter(choices=RunStatus.choices)
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = WorkflowRun
+        fields = ["workflow", "status", "created_after", "created_before"]
+
+
+class WorkflowRunViewSet(viewsets.GenericViewSet):
+    """Workflow runs: their steps and compensations, cancel and retry."""
+
+    filterset_class = RunFilter
+    ordering_fields = ["created_at"]
+    ordering = ["-created_at"]
+    lookup_value_converter = "uuid"
+
+    def get_queryset(self) -> QuerySet[WorkflowRun]:
+        return selectors.run_queryset(self.request.user)
+
+    @extend_schema(responses=RunOutput(many=True))
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(RunOutput(page, many=True).data)
+
+    @extend_schema(responses=RunDetailOutput)
+    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+        return Response(RunDetailOutput(self.get_object()).data)
+
+    @extend_schema(
+        request=None,
+        responses={202: RunDetailOutput, 409: OpenApiResponse(description="Already finished.")},
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        """Stop the run, compensate what completed, end CANCELLED."""
+        run = services.run_cancel(run=self.get_object(), by=request.user.get_username())
+        return Response(RunDetailOutput(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=None,
+        responses={202: RunDetailOutput, 409: OpenApiResponse(description="Not FAILED.")},
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        """A FAILED run: re-run the failed compensation, or resume from the failed step."""
+        run = services.run_retry(run=self.get_object(), by=request.user.get_username())
+        return Response(RunDetailOutput(run).data, status=status.HTTP_202_ACCEPTED)

@@ -137,3 +137,59 @@ def test_schema_documents_the_definition(client):
     ]
     titles = [option["title"] for option in definition["oneOf"]]
     assert titles == ["Canonical form", "Legacy form (normalised on write)"]
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    from tasks_app import dispatch
+
+    monkeypatch.setattr(dispatch, "publish", lambda wakeups: len(wakeups))
+
+
+def test_run_start_shows_steps_in_graph_order(api, no_broker):
+    workflow_id = _create(api).json()["id"]
+
+    response = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": "A"}},
+                        format="json")
+
+    assert response.status_code == 201, response.content
+    run = response.json()
+    assert response["Location"] == f"/api/workflow-runs/{run['id']}/"
+    assert run["status"] == "RUNNING" and run["version"] == 1 and run["input"] == {"sku": "A"}
+    assert [(s["name"], s["status"]) for s in run["steps"]] == [("a", "PENDING"), ("b", None)]
+    assert run["compensations"] == []
+    tasks = api.get(f"/api/tasks/?workflow_run={run['id']}").json()["results"]
+    assert [t["id"] for t in tasks] == [run["steps"][0]["task"]]
+
+
+def test_run_of_an_inactive_workflow_is_a_409_and_bad_input_a_400(api, no_broker):
+    schema = {"type": "object", "required": ["sku"]}
+    workflow_id = _create(api, input_schema=schema).json()["id"]
+
+    bad = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {}}, format="json")
+    api.patch(f"/api/workflows/{workflow_id}/", {"is_active": False}, format="json")
+    inactive = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": 1}},
+                        format="json")
+
+    assert bad.status_code == 400 and bad.json() == {"input": ["'sku' is a required property"]}
+    assert inactive.status_code == 409
+    assert api.get("/api/workflow-runs/").json()["results"] == []
+
+
+def test_runs_are_listed_filtered_cancelled_and_scoped(api, client_for, no_broker):
+    from tests.factories import UserFactory
+
+    workflow_id = _create(api).json()["id"]
+    run_id = api.post(f"/api/workflows/{workflow_id}/runs/", {}, format="json").json()["id"]
+
+    listed = api.get(f"/api/workflow-runs/?workflow={workflow_id}&status=RUNNING").json()
+    cancelled = api.post(f"/api/workflow-runs/{run_id}/cancel/")
+    again = api.post(f"/api/workflow-runs/{run_id}/cancel/")
+    retry = api.post(f"/api/workflow-runs/{run_id}/retry/")
+    other = client_for(UserFactory())
+
+    assert [r["id"] for r in listed["results"]] == [run_id]
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "CANCELLED"
+    assert again.status_code == 409 and retry.status_code == 409
+    assert other.get(f"/api/workflow-runs/{run_id}/").status_code == 404
+    assert other.post(f"/api/workflow-runs/{run_id}/cancel/").status_code == 404

@@ -1,0 +1,109 @@
+"""The saga's undo (DESIGN §9): plan and run the compensations of a failed or cancelled run.
+
+Called by the coordinator with the run locked, any number of times; each call moves the
+undo one step further from what the run's tasks say now:
+
+1. No new step starts: waiting step tasks are cancelled. Running ones are allowed to finish
+   (for a cancelled run they are asked to stop at their next check); the undo waits for them.
+2. The COMPLETED steps that declare a compensation are undone in reverse order of
+   completion — a successor always completes after its predecessor, so this respects the
+   graph — one COMPENSATION task at a time, ``parent`` = the task it undoes, with its own
+   retries. A ``$ref`` in the action sees the compensated step's result.
+3. When every compensation has COMPLETED the run is COMPENSATED (CANCELLED if it was
+   cancelled). A compensation that fails for good ends the run FAILED naming it (``retry``
+   re-runs it and continues); a failed run with nothing to undo ends FAILED (``retry``
+   resumes from the failed step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from tasks_app import services as task_services
+from tasks_app import state
+from tasks_app.models import WAITING_STATUSES, Task, TaskStatus
+from workflows_app import coordinator
+from workflows_app import definition as definitions
+from workflows_app.models import RunStatus, WorkflowRun
+
+
+def advance(run: WorkflowRun, graph: definitions.Graph, tasks: list[Task]) -> None:
+    steps = coordinator.step_tasks(tasks)
+    by = f"workflow run {run.id}"
+    for name, task in list(steps.items()):
+        if task.status in WAITING_STATUSES:
+            cancelled = state.cancel(task.id, by=by)
+            if cancelled is not None:
+                steps[name] = cancelled
+        elif task.status == TaskStatus.PROCESSING and run.cancel_requested:
+            state.request_cancel(task.id, by=by)
+    if any(t.status == TaskStatus.PROCESSING for t in steps.values()):
+        return  # running steps finish first; their outcome calls the coordinator again
+    compensations = {t.step: t for t in tasks if t.type == coordinator.COMPENSATION_TYPE}
+    plan = undo_order(graph, steps)
+    for task in plan:
+        undo = compensations.get(task.step)
+        if undo is None:
+            start_compensation(run, graph, task, coordinator.context(run, tasks))
+            return
+        if undo.status == TaskStatus.COMPLETED:
+            continue
+        if undo.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+            coordinator.finish(
+                run,
+                RunStatus.FAILED,
+                f"compensation of step {task.step} failed (task {undo.id}): {undo.error}",
+            )
+            return
+        return  # that compensation is still waiting or running
+    if run.cancel_requested:
+        coordinator.finish(run, RunStatus.CANCELLED)
+    elif plan:
+        coordinator.finish(run, RunStatus.COMPENSATED)
+    else:
+        coordinator.finish(
+            run, RunStatus.FAILED, f"{run.error}; no completed step declared a compensation"
+        )
+
+
+def undo_order(graph: definitions.Graph, steps: dict[str, Task]) -> list[Task]:
+    """COMPLETED steps that declare a compensation, most recently completed first."""
+    done = [
+        t
+        for name, t in steps.items()
+        if t.status == TaskStatus.COMPLETED and graph.steps[name].compensation is not None
+    ]
+    return sorted(done, key=lambda t: (t.finished_at, t.created_at), reverse=True)
+
+
+def start_compensation(
+    run: WorkflowRun, graph: definitions.Graph, task: Task, ctx: dict[str, Any]
+) -> Task:
+    spec = graph.steps[str(task.step)].compensation
+    assert spec is not None  # undo_order keeps only steps that declare one
+    payload = {
+        "compensates": str(task.id),
+        "action": {"type": spec["type"], "payload": coordinator.resolve(spec.get("payload", {}), ctx)},
+    }
+    max_retries = spec.get("max_retries")
+    (created,) = task_services.task_bulk_create(
+        owner=run.owner,
+        specs=[
+            task_services.TaskSpec(
+                type=coordinator.COMPENSATION_TYPE,
+                payload=payload,
+                max_retries=max_retries
+                if max_retries is not None
+                else settings.QW_DEFAULT_MAX_RETRIES,
+                priority=0,
+                timeout_s=settings.QW_DEFAULT_TIMEOUT_S,
+                parent_id=task.id,
+                workflow_run_id=run.id,
+                step=task.step,
+            )
+        ],
+        by=f"workflow run {run.id}",
+    )
+    return created

@@ -1,0 +1,190 @@
+"""The workflow coordinator: decides what happens next from persisted state (DESIGN §9).
+
+It is called in the transaction that records a step's outcome (the worker pipeline, the lease
+sweep, a cancel), locks the run row, and reads the run's tasks: so a next step, a join, or a
+compensation is decided once, whatever order or how many times completions arrive. Each
+(run, step) has at most one task and one compensation (unique constraints), and tasks are
+published only after the deciding transaction commits. It never enqueues anything itself:
+it creates tasks through the task service, which publishes on commit.
+
+1. A step COMPLETED: every step not started yet whose predecessors have all COMPLETED starts
+   (fan-out, and fan-in once the last branch completes); when every step has COMPLETED, the
+   run is COMPLETED.
+2. A step FAILED or CANCELLED while the run runs: the run turns COMPENSATING and the
+   compensation planner (``compensation.advance``) takes over.
+3. Anything that finishes while the run compensates: the planner advances.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import jmespath
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from tasks_app import services as task_services
+from tasks_app.models import TERMINAL_STATUSES, Task, TaskLog, TaskStatus
+from workflows_app import compensation
+from workflows_app import definition as definitions
+from workflows_app.models import RunStatus, WorkflowRun, WorkflowVersion
+
+logger = logging.getLogger(__name__)
+
+COMPENSATION_TYPE = "COMPENSATION"
+
+
+@functools.lru_cache(maxsize=256)
+def _graph(version_id: int) -> definitions.Graph:
+    """The validated graph of a stored version (versions never change, so it is cached)."""
+    version = WorkflowVersion.objects.get(pk=version_id)
+    return definitions.validate(version.definition)
+
+
+def graph_for(run: WorkflowRun) -> definitions.Graph:
+    return _graph(run.version_id)
+
+
+def graph_for_version(version: WorkflowVersion) -> definitions.Graph:
+    return _graph(version.pk)
+
+
+def context(run: WorkflowRun, tasks: list[Task]) -> dict[str, Any]:
+    """What a ``$ref`` reads: ``{input, steps: {<name>: {result, status, task}}}``."""
+    return {
+        "input": run.input,
+        "steps": {
+            t.step: {"result": t.result, "status": t.status, "task": str(t.id)}
+            for t in tasks
+            if t.type != COMPENSATION_TYPE and t.step
+        },
+    }
+
+
+def resolve(value: Any, ctx: dict[str, Any]) -> Any:
+    """``value`` with every ``{"$ref": expr}`` replaced by ``expr`` searched over ``ctx``."""
+    if definitions.is_ref(value):
+        return jmespath.search(value["$ref"], ctx)
+    if isinstance(value, dict):
+        return {key: resolve(item, ctx) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve(item, ctx) for item in value]
+    return value
+
+
+def locked_run(run_id: Any) -> tuple[WorkflowRun, list[Task]]:
+    run = WorkflowRun.objects.select_for_update().select_related("owner").get(pk=run_id)
+    tasks = list(Task.objects.filter(workflow_run=run).order_by("created_at"))
+    return run, tasks
+
+
+def step_tasks(tasks: list[Task]) -> dict[str, Task]:
+    return {t.step: t for t in tasks if t.type != COMPENSATION_TYPE and t.step}
+
+
+def task_finished(task: Task) -> None:
+    """A task of a run reached a terminal status: decide what follows (in the caller's
+    transaction, which must be the one that recorded the outcome)."""
+    if task.workflow_run_id is None:
+        return
+    with transaction.atomic():
+        run, tasks = locked_run(task.workflow_run_id)
+        finished = next((t for t in tasks if t.pk == task.pk), None)
+        if (
+            finished is not None
+            and finished.type == COMPENSATION_TYPE
+            and finished.status == TaskStatus.COMPLETED
+            and finished.parent_id is not None
+        ):
+            # Record the undo against the task it undoes (once: one terminal transition).
+            TaskLog.objects.create(
+                task_id=finished.parent_id,
+                event="compensated",
+                message=f"undone by compensation task {finished.id}",
+                data={"compensation": str(finished.id), "workflow_run": str(run.id)},
+            )
+        decide(run, tasks)
+
+
+def decide(run: WorkflowRun, tasks: list[Task]) -> None:
+    """Move ``run`` (locked) forward from what its tasks say now; safe to call any number of
+    times (the recovery sweep calls it for runs that look stuck)."""
+    if run.status in (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED,
+                      RunStatus.CANCELLED):
+        return
+    graph = graph_for(run)
+    steps = step_tasks(tasks)
+    if run.status == RunStatus.RUNNING:
+        broken = [
+            t for t in steps.values() if t.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
+        ]
+        if broken:
+            first = min(broken, key=lambda t: t.finished_at or timezone.now())
+            verb = "failed" if first.status == TaskStatus.FAILED else "was cancelled"
+            detail = f": {first.error}" if first.error else ""
+            run.status = RunStatus.COMPENSATING
+            run.error = f"step {first.step} {verb}{detail}"[:4000]
+            run.save(update_fields=["status", "error", "updated_at"])
+        else:
+            _advance(run, graph, tasks, steps)
+            return
+    compensation.advance(run, graph, tasks)
+
+
+def _advance(
+    run: WorkflowRun, graph: definitions.Graph, tasks: list[Task], steps: dict[str, Task]
+) -> None:
+    done = {name for name, t in steps.items() if t.status == TaskStatus.COMPLETED}
+    if len(done) == len(graph.steps):
+        finish(run, RunStatus.COMPLETED)
+        return
+    ready = [
+        name
+        for name in graph.order
+        if name not in steps and all(p in done for p in graph.predecessors[name])
+    ]
+    if ready:
+        start_steps(run, graph, ready, context(run, tasks))
+
+
+def start_steps(
+    run: WorkflowRun, graph: definitions.Graph, names: list[str], ctx: dict[str, Any]
+) -> list[Task]:
+    """Create the tasks of ``names`` (published after commit), ``$ref`` resolved now."""
+    specs = []
+    for name in names:
+        step = graph.steps[name]
+        specs.append(
+            task_services.TaskSpec(
+                type=step.type,
+                payload=resolve(step.payload, ctx),
+                max_retries=step.max_retries
+                if step.max_retries is not None
+                else settings.QW_DEFAULT_MAX_RETRIES,
+                priority=step.priority or 0,
+                timeout_s=step.timeout_s or settings.QW_DEFAULT_TIMEOUT_S,
+                workflow_run_id=run.id,
+                step=name,
+            )
+        )
+    return task_services.task_bulk_create(
+        owner=run.owner, specs=specs, by=f"workflow run {run.id}"
+    )
+
+
+def finish(run: WorkflowRun, status: str, error: str | None = None) -> None:
+    run.status = status
+    run.finished_at = timezone.now()
+    fields = ["status", "finished_at", "updated_at"]
+    if error is not None:
+        run.error = error[:4000]
+        fields.append("error")
+    run.save(update_fields=fields)
+    logger.info("workflow run %s %s", run.id, status, extra={"workflow_run_id": str(run.id)})
+
+
+def unfinished(tasks: list[Task]) -> list[Task]:
+    return [t for t in tasks if t.status not in TERMINAL_STATUSES]
