@@ -12,11 +12,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def _run(api, definition, run_input=None):
-    workflow = api.post("/api/workflows/", {"name": "wf", "definition": definition},
-                        format="json")
+    workflow = api.post("/api/workflows/", {"name": "wf", "definition": definition}, format="json")
     assert workflow.status_code == 201, workflow.content
-    run = api.post(f"/api/workflows/{workflow.json()['id']}/runs/", {"input": run_input or {}},
-                   format="json")
+    run = api.post(
+        f"/api/workflows/{workflow.json()['id']}/runs/", {"input": run_input or {}}, format="json"
+    )
     assert run.status_code == 201, run.content
     return run.json()["id"]
 
@@ -33,8 +33,11 @@ def test_fan_out_fan_in_with_data_passing_completes(api, worker):
     definition = {
         "start": "split",
         "steps": {
-            "split": {"type": "NOOP", "payload": {"result": {"$ref": "input.order"}},
-                      "next": ["b1", "b2", "b3"]},
+            "split": {
+                "type": "NOOP",
+                "payload": {"result": {"$ref": "input.order"}},
+                "next": ["b1", "b2", "b3"],
+            },
             "b1": {"type": "NOOP", "payload": {"sleep_ms": 300}, "next": "join"},
             "b2": {"type": "NOOP", "payload": {"sleep_ms": 50}, "next": "join"},
             "b3": {"type": "NOOP", "payload": {"sleep_ms": 150}, "next": "join"},
@@ -77,9 +80,15 @@ def test_cancel_while_a_slow_step_runs_ends_cancelled(api, worker):
         },
     }
     run_id = _run(api, definition)
-    wait_for(lambda: {s["name"]: s["status"] for s in
-                      api.get(f"/api/workflow-runs/{run_id}/").json()["steps"]}["slow"]
-             == "PROCESSING")
+    wait_for(
+        lambda: (
+            {
+                s["name"]: s["status"]
+                for s in api.get(f"/api/workflow-runs/{run_id}/").json()["steps"]
+            }["slow"]
+            == "PROCESSING"
+        )
+    )
 
     assert api.post(f"/api/workflow-runs/{run_id}/cancel/").status_code == 202
     run = _finished(api, run_id, timeout=10)

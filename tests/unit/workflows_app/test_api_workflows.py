@@ -149,8 +149,9 @@ def no_broker(monkeypatch):
 def test_run_start_shows_steps_in_graph_order(api, no_broker):
     workflow_id = _create(api).json()["id"]
 
-    response = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": "A"}},
-                        format="json")
+    response = api.post(
+        f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": "A"}}, format="json"
+    )
 
     assert response.status_code == 201, response.content
     run = response.json()
@@ -168,8 +169,7 @@ def test_run_of_an_inactive_workflow_is_a_409_and_bad_input_a_400(api, no_broker
 
     bad = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {}}, format="json")
     api.patch(f"/api/workflows/{workflow_id}/", {"is_active": False}, format="json")
-    inactive = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": 1}},
-                        format="json")
+    inactive = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": 1}}, format="json")
 
     assert bad.status_code == 400 and bad.json() == {"input": ["'sku' is a required property"]}
     assert inactive.status_code == 409

@@ -32,8 +32,12 @@ def undo(**payload):
 
 
 def start(user, definition, input=None, **workflow):  # noqa: A002
-    wf = services.workflow_create(owner=user, name=workflow.get("name", "wf"), definition=definition,
-                                  input_schema=workflow.get("input_schema"))
+    wf = services.workflow_create(
+        owner=user,
+        name=workflow.get("name", "wf"),
+        definition=definition,
+        input_schema=workflow.get("input_schema"),
+    )
     return services.run_start(workflow=wf, owner=user, input=input or {})
 
 
@@ -63,8 +67,9 @@ def test_linear_run_passes_data_from_input_and_earlier_steps(user):
         "start": "a",
         "steps": {
             "a": noop(payload={"result": {"$ref": "input.sku"}}, next="b"),
-            "b": noop(payload={"result": {"$ref": "[steps.a.result.result, steps.a.status]"}},
-                      next="c"),
+            "b": noop(
+                payload={"result": {"$ref": "[steps.a.result.result, steps.a.status]"}}, next="c"
+            ),
             "c": noop(payload={"result": {"$ref": "steps.b.result.result[0]"}}),
         },
     }
@@ -81,7 +86,9 @@ def test_fan_out_and_fan_in_joins_once_after_the_last_branch(user, published):
         "start": "split",
         "steps": {
             "split": noop(next=["b1", "b2", "b3"]),
-            "b1": noop(next="join"), "b2": noop(next="join"), "b3": noop(next="join"),
+            "b1": noop(next="join"),
+            "b2": noop(next="join"),
+            "b3": noop(next="join"),
             "join": noop(payload={"result": {"$ref": "[steps.b1.status, steps.b3.status]"}}),
         },
     }
@@ -132,8 +139,9 @@ def test_compensation_that_fails_for_good_ends_the_run_failed_naming_it(user):
     definition = {
         "start": "a",
         "steps": {
-            "a": noop(next="b", compensation={"type": "NOOP", "payload": {"fail": True},
-                                              "max_retries": 0}),
+            "a": noop(
+                next="b", compensation={"type": "NOOP", "payload": {"fail": True}, "max_retries": 0}
+            ),
             "b": noop(payload={"fail": True}),
         },
     }
@@ -148,8 +156,11 @@ def test_compensation_that_fails_for_good_ends_the_run_failed_naming_it(user):
 def test_failed_step_with_nothing_to_compensate_fails_and_retry_resumes_from_it(user):
     definition = {
         "start": "a",
-        "steps": {"a": noop(next="b"), "b": noop(payload={"fail_times": 1}, max_retries=0,
-                                                 next="c"), "c": noop()},
+        "steps": {
+            "a": noop(next="b"),
+            "b": noop(payload={"fail_times": 1}, max_retries=0, next="c"),
+            "c": noop(),
+        },
     }
     run = drive(start(user, definition))
     assert run.status == RunStatus.FAILED
@@ -172,8 +183,10 @@ def test_retry_of_a_failed_compensation_continues_the_undo(user):
         "start": "a",
         "steps": {
             "a": noop(next="b", compensation=undo(result="undo a")),
-            "b": noop(next="c", compensation={"type": "NOOP", "payload": {"fail_times": 1},
-                                              "max_retries": 0}),
+            "b": noop(
+                next="c",
+                compensation={"type": "NOOP", "payload": {"fail_times": 1}, "max_retries": 0},
+            ),
             "c": noop(payload={"fail": True}),
         },
     }
@@ -241,10 +254,16 @@ def test_legacy_definition_runs_as_a_chain(user):
 
 
 def test_inactive_workflow_refuses_runs_and_input_schema_is_checked(user):
-    wf = services.workflow_create(owner=user, name="x", definition={"start": "a",
-                                  "steps": {"a": noop()}}, input_schema={
-                                      "type": "object", "required": ["sku"],
-                                      "properties": {"sku": {"type": "string"}}})
+    wf = services.workflow_create(
+        owner=user,
+        name="x",
+        definition={"start": "a", "steps": {"a": noop()}},
+        input_schema={
+            "type": "object",
+            "required": ["sku"],
+            "properties": {"sku": {"type": "string"}},
+        },
+    )
     with pytest.raises(InvalidInput) as excinfo:
         services.run_start(workflow=wf, owner=user, input={"sku": 5})
     assert excinfo.value.detail == {"input": ["sku: 5 is not of type 'string'"]}
@@ -257,21 +276,26 @@ def test_inactive_workflow_refuses_runs_and_input_schema_is_checked(user):
 
 
 def test_a_payload_that_becomes_invalid_after_ref_fails_the_step(user):
-    definition = {"start": "a", "steps": {
-        "a": noop(next="b"),
-        "b": noop(payload={"sleep_ms": {"$ref": "input.delay"}}),
-    }}
+    definition = {
+        "start": "a",
+        "steps": {
+            "a": noop(next="b"),
+            "b": noop(payload={"sleep_ms": {"$ref": "input.delay"}}),
+        },
+    }
     run = drive(start(user, definition, {"delay": "soon"}))
     assert run.status == RunStatus.FAILED
     assert "invalid payload after $ref: sleep_ms" in by_step(run)["b"].error
 
 
 def test_run_keeps_its_version_when_the_definition_changes(user):
-    wf = services.workflow_create(owner=user, name="v", definition={"start": "a",
-                                  "steps": {"a": noop(next="b"), "b": noop()}})
+    wf = services.workflow_create(
+        owner=user, name="v", definition={"start": "a", "steps": {"a": noop(next="b"), "b": noop()}}
+    )
     run = services.run_start(workflow=wf, owner=user, input={})
-    services.workflow_update(workflow=wf, by=user, definition={"start": "a",
-                             "steps": {"a": noop()}})
+    services.workflow_update(
+        workflow=wf, by=user, definition={"start": "a", "steps": {"a": noop()}}
+    )
 
     run = drive(run)
 
@@ -283,9 +307,12 @@ def test_reconcile_finishes_a_run_whose_decision_was_missed(user):
     run = start(user, {"start": "a", "steps": {"a": noop()}})
     step = by_step(run)["a"]
     # an operator completes the step behind the coordinator's back
-    type(step).objects.filter(pk=step.pk).update(status=TaskStatus.COMPLETED,
-                                                 finished_at=timezone.now())
-    WorkflowRun.objects.filter(pk=run.pk).update(updated_at=timezone.now() - timezone.timedelta(minutes=1))
+    type(step).objects.filter(pk=step.pk).update(
+        status=TaskStatus.COMPLETED, finished_at=timezone.now()
+    )
+    WorkflowRun.objects.filter(pk=run.pk).update(
+        updated_at=timezone.now() - timezone.timedelta(minutes=1)
+    )
 
     assert reconcile_runs() == 1
 
@@ -294,8 +321,10 @@ def test_reconcile_finishes_a_run_whose_decision_was_missed(user):
 
 
 def test_compensation_is_recorded_against_the_task_it_undoes(user):
-    definition = {"start": "a", "steps": {"a": noop(next="b", compensation=undo()),
-                                          "b": noop(payload={"fail": True})}}
+    definition = {
+        "start": "a",
+        "steps": {"a": noop(next="b", compensation=undo()), "b": noop(payload={"fail": True})},
+    }
     run = drive(start(user, definition))
     a = by_step(run)["a"]
     assert TaskLog.objects.filter(task=a, event="compensated").count() == 1
