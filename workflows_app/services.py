@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Max
@@ -12,7 +13,7 @@ from jsonschema.exceptions import SchemaError
 
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
-from tasks_app.models import TaskStatus
+from tasks_app.models import Task, TaskStatus
 from workflows_app import coordinator
 from workflows_app import definition as definitions
 from workflows_app.models import (
@@ -133,7 +134,7 @@ def workflow_delete(*, workflow: Workflow) -> None:
     workflow.delete()
 
 
-def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:  # noqa: A002
+def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:
     """Start a run of the workflow's latest version: its first step is published on commit."""
     if not workflow.is_active:
         raise InvalidTransition({"detail": f"Workflow '{workflow.name}' is inactive."})
@@ -198,3 +199,68 @@ def run_retry(*, run: WorkflowRun, by: str) -> WorkflowRun:
         locked.finished_at = None
         locked.save(update_fields=["status", "error", "finished_at", "updated_at"])
     return locked
+
+
+def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None) -> Task:
+    """Undo a COMPLETED task by hand: its step's declared compensation, or ``action``.
+
+    A task is compensated once: a second request while a compensation exists is a 409.
+    """
+    with transaction.atomic():
+        locked = Task.objects.select_for_update().get(pk=task.pk)
+        if locked.status != TaskStatus.COMPLETED or locked.type == coordinator.COMPENSATION_TYPE:
+            raise InvalidTransition(
+                {"detail": f"Only a COMPLETED task can be compensated, not a {locked.status} one."}
+            )
+        if Task.objects.filter(parent=locked, type=coordinator.COMPENSATION_TYPE).exists():
+            raise InvalidTransition({"detail": "This task already has a compensation."})
+        declared = None
+        run = locked.workflow_run
+        if run is not None and locked.step:
+            declared = coordinator.graph_for(run).steps[locked.step].compensation
+        spec = action or declared
+        if spec is None:
+            raise InvalidInput(
+                {"action": ["Give {type, payload}: this task's step declares no compensation."]}
+            )
+        ctx = coordinator.context(run, list(run.tasks.all())) if run else {"input": {}, "steps": {}}
+        payload = {
+            "compensates": str(locked.id),
+            "action": {
+                "type": spec["type"],
+                "payload": coordinator.resolve(spec.get("payload", {}), ctx),
+            },
+        }
+        problems = registry_validate("COMPENSATION", payload)
+        if problems:
+            raise InvalidInput({"action": problems})
+        max_retries = spec.get("max_retries")
+        (created,) = task_services.task_bulk_create(
+            owner=locked.owner,
+            specs=[
+                task_services.TaskSpec(
+                    type=coordinator.COMPENSATION_TYPE,
+                    payload=payload,
+                    max_retries=max_retries
+                    if max_retries is not None
+                    else settings.QW_DEFAULT_MAX_RETRIES,
+                    priority=locked.priority,
+                    timeout_s=settings.QW_DEFAULT_TIMEOUT_S,
+                    parent_id=locked.id,
+                    # Outside a failed run: not one of the run's saga steps (no workflow_run).
+                )
+            ],
+            by=by,
+        )
+    return created
+
+
+def registry_validate(task_type: str, payload: Any) -> list[str]:
+    from tasks_app.handlers import registry
+
+    spec = registry.get(task_type)
+    assert spec is not None
+    return [
+        f"{path.removeprefix('action.')}: {message}" if path else message
+        for path, message in spec.validate(payload)
+    ]

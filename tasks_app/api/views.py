@@ -14,6 +14,7 @@ from rest_framework.throttling import ScopedRateThrottle
 
 from tasks_app import selectors, services
 from tasks_app.api.serializers import (
+    StrictSerializer,
     TaskBulkCreateInput,
     TaskBulkCreateOutput,
     TaskCreateInput,
@@ -45,6 +46,21 @@ class TaskFilter(django_filters.FilterSet):
     class Meta:
         model = Task
         fields = ["status", "type", "parent", "workflow_run", "created_after", "created_before"]
+
+
+class CompensateInput(StrictSerializer):
+    action = serializers.JSONField(
+        required=False,
+        help_text="{type, payload}: the undo action, when the task's step declares none.",
+    )
+
+    def validate_action(self, value: Any) -> Any:
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise serializers.ValidationError("Must be an object {type, payload}.")
+        unknown = sorted(set(value) - {"type", "payload", "max_retries"})
+        if unknown:
+            raise serializers.ValidationError(f"Unknown fields: {', '.join(unknown)}.")
+        return value
 
 
 class CreateThrottle(ScopedRateThrottle):
@@ -134,6 +150,30 @@ class TaskViewSet(viewsets.GenericViewSet):
         return Response(
             TaskDetailOutput(result.task).data,
             status=status.HTTP_202_ACCEPTED if result.requested else status.HTTP_200_OK,
+        )
+
+    @extend_schema(
+        request=CompensateInput,
+        responses={
+            201: TaskDetailOutput,
+            400: OpenApiResponse(description="No declared compensation and no action given."),
+            409: OpenApiResponse(description="Not COMPLETED, or already compensated."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def compensate(self, request: Request, pk: str | None = None) -> Response:
+        """Undo a COMPLETED task: its step's declared compensation, or ``{action}``."""
+        from workflows_app.services import task_compensate
+
+        body = CompensateInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        created = task_compensate(
+            task=self.get_object(), by=self._by(), action=body.validated_data.get("action")
+        )
+        return Response(
+            TaskDetailOutput(created, context={"created": True}).data,
+            status=status.HTTP_201_CREATED,
+            headers={"Location": f"/api/tasks/{created.id}/"},
         )
 
     @extend_schema(
