@@ -167,10 +167,12 @@ class CancelResult:
 
 def task_cancel(*, task: Task, by: str) -> CancelResult:
     with transaction.atomic():
-        cancelled = state.cancel(task.id, by=by)
-        if cancelled is not None and cancelled.workflow_run_id is not None:
+        if task.workflow_run_id is not None:
             from workflows_app import coordinator
 
+            coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+        cancelled = state.cancel(task.id, by=by)
+        if cancelled is not None and cancelled.workflow_run_id is not None:
             coordinator.task_finished(cancelled)
     if cancelled is not None:
         return CancelResult(cancelled, requested=False)

@@ -179,6 +179,7 @@ def _finishing(task: Task, transition: Callable[[], bool]) -> bool:
     from workflows_app import coordinator
 
     with transaction.atomic():
+        coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's: no deadlock
         done = transition()
         if done:
             coordinator.task_finished(task)

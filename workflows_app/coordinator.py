@@ -75,6 +75,16 @@ def resolve(value: Any, ctx: dict[str, Any]) -> Any:
     return value
 
 
+def lock_run(run_id: Any) -> None:
+    """Take the run's row lock before touching any of its task rows.
+
+    Everything that changes a run's tasks and then decides (a worker recording an outcome,
+    the lease sweep, a cancel, a retry) locks the run row first and the task rows after, so
+    two of them can never wait on each other.
+    """
+    WorkflowRun.objects.select_for_update().filter(pk=run_id).values_list("pk").first()
+
+
 def locked_run(run_id: Any) -> tuple[WorkflowRun, list[Task]]:
     run = WorkflowRun.objects.select_for_update().select_related("owner").get(pk=run_id)
     tasks = list(Task.objects.filter(workflow_run=run).order_by("created_at"))
