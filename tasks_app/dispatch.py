@@ -132,7 +132,15 @@ def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
     """Publish on a fresh confirm-mode channel; wait once for all the broker's confirms."""
     pool: Any = app.pool  # kombu's connection pool (the stubs type it as a producer pool)
     with pool.acquire(block=True) as conn:
-        channel = conn.channel()
+        try:
+            # A pooled connection may be left broken by an outage: reconnect it, bounded.
+            conn.ensure_connection(
+                max_retries=1, interval_start=0, timeout=settings.QW_PUBLISH_TIMEOUT_S
+            )
+            channel = conn.channel()
+        except Exception:
+            conn.collect()  # drop the broken transport so the next use starts afresh
+            raise
         try:
             channel.confirm_select()
             channel._confirm_selected = True
@@ -165,6 +173,9 @@ def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
                 conn.drain_events(timeout=left)
             if nacked:
                 raise PublishNotConfirmed(f"the broker refused {len(nacked)} messages")
+        except Exception:
+            conn.collect()
+            raise
         finally:
             with suppress(Exception):  # the channel may already be gone with the connection
                 channel.close()

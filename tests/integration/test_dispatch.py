@@ -63,3 +63,82 @@ def test_batches_reuse_the_pooled_connection(drain):
     for _ in range(3):
         assert dispatch.publish(_wakeups(20)) == 20
     assert len(drain()) == 60
+
+
+class Proxy:
+    """A TCP forwarder to the real broker that can be switched off (refusing connections)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.target = target
+        self.server = None
+
+    def start(self) -> None:
+        import socket
+        import threading
+
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(20)
+        self.server = server
+
+        def pipe(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (a, b):
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+
+        def serve():
+            while True:
+                try:
+                    client, _ = server.accept()
+                except OSError:
+                    return
+                upstream = socket.create_connection(self.target)
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.django_db
+def test_batches_publish_again_once_the_broker_is_back(drain):
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.integration.test_recovery import _use_broker
+
+    real = app.conf.broker_url
+    parts = urlsplit(real)
+    proxy = Proxy((parts.hostname, parts.port or 5672))
+    _use_broker(urlunsplit(parts._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")))
+    try:
+        # given an outage that left the pooled connection broken
+        assert dispatch.publish(_wakeups(1)) == 0
+        dispatch.reset_breaker()
+        assert dispatch.publish(_wakeups(5)) == 0
+        dispatch.reset_breaker()
+
+        # when the broker is back, the very next batch goes through
+        proxy.start()
+        assert dispatch.publish(_wakeups(5)) == 5
+    finally:
+        proxy.stop()
+        _use_broker(real)
+    assert len(drain()) == 5
