@@ -1,0 +1,46 @@
+#!/bin/sh
+# QueueWorker's container entrypoint: the first argument names the process (the Procfile's
+# names), the rest is passed on. Every branch `exec`s, so the process gets the container's
+# signals itself: SIGTERM makes gunicorn finish its requests and a Celery worker finish its
+# running tasks (warm shutdown) before it exits.
+set -eu
+
+process="${1:-web}"
+[ "$#" -gt 0 ] && shift
+
+case "$process" in
+  web)
+    exec gunicorn queueworker.wsgi --config /app/docker/gunicorn.conf.py "$@"
+    ;;
+  worker)
+    # Queues come from the command (-Q ...); without -Q the worker consumes every work queue.
+    exec celery -A queueworker worker --loglevel "${LOG_LEVEL:-info}" "$@"
+    ;;
+  beat)
+    # The scheduler (tasks_app.scheduler:QueueWorkerScheduler) keeps its state in PostgreSQL;
+    # the schedule file Celery insists on goes to /tmp, writable under a read-only root.
+    exec celery -A queueworker beat --loglevel "${LOG_LEVEL:-info}" \
+      --schedule /tmp/celerybeat-schedule "$@"
+    ;;
+  flower)
+    exec celery -A queueworker flower --port="${FLOWER_PORT:-5555}" --address=0.0.0.0 "$@"
+    ;;
+  migrate)
+    exec python manage.py migrate --no-input "$@"
+    ;;
+  wait-for-migrations)
+    # For init containers: start the process only once the migration Job has run.
+    until python manage.py migrate --check >/dev/null 2>&1; do
+      echo "waiting for database migrations (python manage.py migrate --check)" >&2
+      sleep "${QW_MIGRATION_WAIT_S:-5}"
+    done
+    exit 0
+    ;;
+  manage)
+    exec python manage.py "$@"
+    ;;
+  *)
+    # Anything else runs as given: `docker compose run --rm web celery -A queueworker inspect ping`.
+    exec "$process" "$@"
+    ;;
+esac
