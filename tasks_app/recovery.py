@@ -97,15 +97,16 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
         retry = task.retries < task.max_retries
         delay = retry_delay(task) if retry else 0.0
         with transaction.atomic():
+            run = None
             if task.workflow_run_id is not None and not retry:
                 from workflows_app import coordinator
 
-                coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+                run = coordinator.lock_run(task.workflow_run_id)  # run row first, then task's
             expired_task = state.expire_lease(task, retry=retry, delay_s=delay, now=now)
             if expired_task is not None:
                 count += 1
-                if not retry and expired_task.workflow_run_id is not None:
-                    coordinator.task_finished(expired_task)
+                if run is not None:
+                    coordinator.task_finished(expired_task, run=run)
     if count:
         logger.warning("%d tasks lost their worker (lease expired)", count)
     return count

@@ -150,7 +150,8 @@ def task_bulk_create(
     now = timezone.now()
     tasks = [_build(spec, owner, now) for spec in specs]
     by = by or owner.get_username()
-    with transaction.atomic():
+    # No savepoint when nested (the coordinator): an error undoes the enclosing decision too.
+    with transaction.atomic(savepoint=False):
         Task.objects.bulk_create(tasks, batch_size=1000)
         TaskLog.objects.bulk_create([_created_log(t, by) for t in tasks], batch_size=1000)
         dispatch.publish_on_commit(
@@ -167,13 +168,14 @@ class CancelResult:
 
 def task_cancel(*, task: Task, by: str) -> CancelResult:
     with transaction.atomic():
+        run = None
         if task.workflow_run_id is not None:
             from workflows_app import coordinator
 
-            coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+            run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
         cancelled = state.cancel(task.id, by=by)
-        if cancelled is not None and cancelled.workflow_run_id is not None:
-            coordinator.task_finished(cancelled)
+        if cancelled is not None and run is not None:
+            coordinator.task_finished(cancelled, run=run)
     if cancelled is not None:
         return CancelResult(cancelled, requested=False)
     if state.request_cancel(task.id, by=by):

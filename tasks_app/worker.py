@@ -179,8 +179,8 @@ def _finishing(task: Task, transition: Callable[[], bool]) -> bool:
     from workflows_app import coordinator
 
     with transaction.atomic():
-        coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's: no deadlock
+        run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
         done = transition()
         if done:
-            coordinator.task_finished(task)
+            coordinator.task_finished(task, run=run)
         return done

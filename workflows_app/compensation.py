@@ -85,7 +85,10 @@ def start_compensation(
     assert spec is not None  # undo_order keeps only steps that declare one
     payload = {
         "compensates": str(task.id),
-        "action": {"type": spec["type"], "payload": coordinator.resolve(spec.get("payload", {}), ctx)},
+        "action": {
+            "type": spec["type"],
+            "payload": coordinator.resolve(spec.get("payload", {}), ctx),
+        },
     }
     max_retries = spec.get("max_retries")
     (created,) = task_services.task_bulk_create(

@@ -75,33 +75,41 @@ def resolve(value: Any, ctx: dict[str, Any]) -> Any:
     return value
 
 
-def lock_run(run_id: Any) -> None:
-    """Take the run's row lock before touching any of its task rows.
+def lock_run(run_id: Any) -> WorkflowRun:
+    """Take the run's row lock before touching any of its task rows, and return the run.
 
     Everything that changes a run's tasks and then decides (a worker recording an outcome,
     the lease sweep, a cancel, a retry) locks the run row first and the task rows after, so
     two of them can never wait on each other.
     """
-    WorkflowRun.objects.select_for_update().filter(pk=run_id).values_list("pk").first()
+    return WorkflowRun.objects.select_for_update().select_related("owner").get(pk=run_id)
+
+
+def run_tasks(run: WorkflowRun) -> list[Task]:
+    """The run's tasks, without their payloads (never needed to decide; possibly large)."""
+    return list(Task.objects.filter(workflow_run=run).defer("payload").order_by("created_at"))
 
 
 def locked_run(run_id: Any) -> tuple[WorkflowRun, list[Task]]:
-    run = WorkflowRun.objects.select_for_update().select_related("owner").get(pk=run_id)
-    tasks = list(Task.objects.filter(workflow_run=run).order_by("created_at"))
-    return run, tasks
+    run = lock_run(run_id)
+    return run, run_tasks(run)
 
 
 def step_tasks(tasks: list[Task]) -> dict[str, Task]:
     return {t.step: t for t in tasks if t.type != COMPENSATION_TYPE and t.step}
 
 
-def task_finished(task: Task) -> None:
+def task_finished(task: Task, *, run: WorkflowRun | None = None) -> None:
     """A task of a run reached a terminal status: decide what follows (in the caller's
-    transaction, which must be the one that recorded the outcome)."""
+    transaction, which must be the one that recorded the outcome). ``run``: the run, already
+    locked by ``lock_run`` in this transaction."""
     if task.workflow_run_id is None:
         return
-    with transaction.atomic():
-        run, tasks = locked_run(task.workflow_run_id)
+    # No savepoint: any error must undo the outcome it decides about, with it.
+    with transaction.atomic(savepoint=False):
+        if run is None:
+            run = lock_run(task.workflow_run_id)
+        tasks = run_tasks(run)
         finished = next((t for t in tasks if t.pk == task.pk), None)
         if (
             finished is not None
