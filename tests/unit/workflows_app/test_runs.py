@@ -31,7 +31,7 @@ def undo(**payload):
     return {"type": "NOOP", "payload": payload}
 
 
-def start(user, definition, input=None, **workflow):  # noqa: A002
+def start(user, definition, input=None, **workflow):
     wf = services.workflow_create(
         owner=user,
         name=workflow.get("name", "wf"),
