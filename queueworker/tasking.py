@@ -14,6 +14,7 @@ from typing import Any
 from celery import Task as CeleryTask
 
 from queueworker.celery import app
+from queueworker.messaging import TASKS_EXCHANGE
 
 DECLARED: dict[str, str] = {}  # task name -> queue, for the configuration test
 
@@ -42,4 +43,4 @@ def route_declared(
 ) -> dict[str, str] | None:
     """Celery router: the queue a task was declared with (an explicit ``queue=`` still wins)."""
     queue = DECLARED.get(name)
-    return {"queue": queue, "routing_key": queue} if queue else None
+    return {"queue": queue, "exchange": TASKS_EXCHANGE, "routing_key": queue} if queue else None

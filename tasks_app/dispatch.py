@@ -25,6 +25,7 @@ from django.conf import settings
 from django.db import transaction
 
 from queueworker.celery import app
+from queueworker.messaging import TASKS_EXCHANGE
 from tasks_app.models import WAITING_STATUSES, Task
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def _send(wakeup: Wakeup, producer: Any, **options: Any) -> None:
         EXECUTE_TASK,
         kwargs=message_kwargs(wakeup),
         task_id=wakeup.task_id,
+        # Named explicitly: without it Celery publishes a direct route on the default exchange.
+        exchange=TASKS_EXCHANGE,
         queue=wakeup.queue,
         routing_key=wakeup.queue,
         priority=wakeup.priority,

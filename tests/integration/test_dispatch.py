@@ -24,7 +24,13 @@ def drain():
         with app.connection_for_write() as conn:
             channel = conn.default_channel
             while (message := channel.basic_get(QUEUE, no_ack=True)) is not None:
-                bodies.append({"headers": message.headers, "body": json.loads(message.body)})
+                bodies.append(
+                    {
+                        "headers": message.headers,
+                        "body": json.loads(message.body),
+                        "exchange": message.delivery_info["exchange"],
+                    }
+                )
         return bodies
 
     with app.connection_for_write() as conn:
@@ -55,6 +61,7 @@ def test_publish_delivers_every_wakeup_with_ids_only(drain, count):
         assert set(kwargs) == {"taskType", "taskId", "delay", "metadata"}
         assert kwargs["taskType"] == "COMPENSATION" and kwargs["delay"] == 0
         assert message["headers"]["task"] == dispatch.EXECUTE_TASK
+        assert message["exchange"] == "tasks"  # DESIGN §5: the one direct exchange
         assert message["headers"]["timelimit"] == [30 + dispatch.HARD_LIMIT_GRACE_S, 30]
 
 
