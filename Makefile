@@ -40,6 +40,8 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.http_scenario
+	$(BIN)/python -m bench.workflow_scenario
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from queueworker import messaging
 from queueworker.config import Env
+from tasks_app.http import guard as http_guard
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = Env()
@@ -164,6 +165,26 @@ if QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS >= 1800:
 if QW_DEFAULT_TIMEOUT_S > QW_MAX_TIMEOUT_S:
     raise ImproperlyConfigured("QW_DEFAULT_TIMEOUT_S must not exceed QW_MAX_TIMEOUT_S")
 
+# HTTP_REQUEST (README "HTTP_REQUEST: calling URLs safely"): destinations the SSRF guard lets
+# through although private or loopback, as host or host:port. Empty: only public addresses.
+QW_HTTP_ALLOWED_HOSTS = env.list("QW_HTTP_ALLOWED_HOSTS", [])
+try:
+    http_guard.parse_allowed_hosts(QW_HTTP_ALLOWED_HOSTS)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"QW_HTTP_ALLOWED_HOSTS: {exc}") from None
+QW_HTTP_TIMEOUT_S = env.float("QW_HTTP_TIMEOUT_S", 30.0, minimum=0.001)
+QW_HTTP_MAX_TIMEOUT_S = env.float("QW_HTTP_MAX_TIMEOUT_S", 300.0, minimum=0.001)
+QW_HTTP_RESPONSE_BYTES = env.int("QW_HTTP_RESPONSE_BYTES", 1024 * 1024, minimum=0)
+QW_HTTP_MAX_RESPONSE_BYTES = env.int("QW_HTTP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024, minimum=0)
+QW_HTTP_MAX_REDIRECTS = env.int("QW_HTTP_MAX_REDIRECTS", 5, minimum=0, maximum=30)
+if not QW_HTTP_TIMEOUT_S <= QW_HTTP_MAX_TIMEOUT_S <= QW_MAX_TIMEOUT_S:
+    raise ImproperlyConfigured(
+        "QW_HTTP_TIMEOUT_S <= QW_HTTP_MAX_TIMEOUT_S <= QW_MAX_TIMEOUT_S must hold, got "
+        f"{QW_HTTP_TIMEOUT_S}, {QW_HTTP_MAX_TIMEOUT_S}, {QW_MAX_TIMEOUT_S}"
+    )
+if QW_HTTP_RESPONSE_BYTES > QW_HTTP_MAX_RESPONSE_BYTES:
+    raise ImproperlyConfigured("QW_HTTP_RESPONSE_BYTES must not exceed QW_HTTP_MAX_RESPONSE_BYTES")
+
 # Django rejects bodies above this before they are parsed; the middleware answers JSON 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = QW_MAX_PAYLOAD_BYTES
 
@@ -261,6 +282,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # 3.1: its schemas are JSON Schema 2020-12, the dialect of the task types' payload schemas.
+    "OAS_VERSION": "3.1.0",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "queueworker.schema.add_payload_schemas",
@@ -282,8 +305,14 @@ LOGGING = {
         "json": {"()": "queueworker.logging.JsonFormatter"},
         "console": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
     },
+    # One filter keeps secrets out of every record these handlers write (queueworker.redaction).
+    "filters": {"redact": {"()": "queueworker.redaction.RedactingFilter"}},
     "handlers": {
-        "default": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        "default": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["redact"],
+        },
     },
     "root": {"handlers": ["default"], "level": LOG_LEVEL},
     "loggers": {

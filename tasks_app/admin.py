@@ -1,19 +1,34 @@
 from __future__ import annotations
 
+import json
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from queueworker.errors import InvalidTransition
+from queueworker.redaction import redact
 from tasks_app import selectors, services
 from tasks_app.models import Task, TaskLog
 
 
-class TaskLogInline(admin.TabularInline):
+class RedactedLogFields:
+    """Log rows through the one redaction rule (secrets never reach an admin page)."""
+
+    @admin.display(description="message")
+    def message_redacted(self, log: TaskLog) -> str:
+        return str(redact(log.message))
+
+    @admin.display(description="data")
+    def data_redacted(self, log: TaskLog) -> str:
+        return json.dumps(redact(log.data), default=str)
+
+
+class TaskLogInline(RedactedLogFields, admin.TabularInline):
     model = TaskLog
     extra = 0
     can_delete = False
-    fields = ("created_at", "level", "event", "message", "data")
+    fields = ("created_at", "level", "event", "message_redacted", "data_redacted")
     readonly_fields = fields
     ordering = ("created_at", "id")
 
@@ -69,7 +84,7 @@ class TaskAdmin(admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("id", "type", "status", "wait_reason", "owner", "queue", "priority")}),
-        ("Input", {"fields": ("payload", "timeout_s", "scheduled_at", "idempotency_key")}),
+        ("Input", {"fields": ("payload_redacted", "timeout_s", "scheduled_at", "idempotency_key")}),
         (
             "Retries",
             {
@@ -102,11 +117,14 @@ class TaskAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # tasks are created through the API, which validates their payload
 
+    @admin.display(description="payload")
+    def payload_redacted(self, task: Task) -> str:
+        return json.dumps(redact(task.payload), indent=2, default=str)
+
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        # Only not-yet-started tasks have editable fields; status moves through actions.
-        return super().has_change_permission(request, obj) and (
-            obj is None or getattr(obj, "status", None) == "PENDING"
-        )
+        # A task's page is read-only (its fields move through the services: the API and the
+        # actions, which need this permission for the list).
+        return obj is None and super().has_change_permission(request, obj)
 
     @admin.action(description="Cancel selected tasks", permissions=["change"])
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
@@ -135,12 +153,13 @@ class TaskAdmin(admin.ModelAdmin):
 
 
 @admin.register(TaskLog)
-class TaskLogAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "task", "level", "event", "message")
+class TaskLogAdmin(RedactedLogFields, admin.ModelAdmin):
+    list_display = ("created_at", "task", "level", "event", "message_redacted")
     list_filter = ("level", "event", "created_at")
     search_fields = ("=task__id",)
     list_select_related = ("task",)
-    readonly_fields = ("task", "level", "event", "message", "data", "created_at")
+    fields = ("task", "level", "event", "message_redacted", "data_redacted", "created_at")
+    readonly_fields = fields
     show_full_result_count = False
 
     def has_add_permission(self, request: HttpRequest) -> bool:

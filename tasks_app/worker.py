@@ -139,8 +139,9 @@ def _finish_failed(
     final_class = failure_class if retryable else FailureClass.NON_RETRYABLE
     failed = _finishing(
         task,
-        lambda: state.fail(task.id, task.attempt, error=error, failure_class=final_class)
-        is not None,
+        lambda: (
+            state.fail(task.id, task.attempt, error=error, failure_class=final_class) is not None
+        ),
     )
     if not failed:
         return Outcome("stale", "failure discarded: the task had moved on")

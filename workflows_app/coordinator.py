@@ -30,7 +30,7 @@ from tasks_app import services as task_services
 from tasks_app.models import TERMINAL_STATUSES, Task, TaskLog, TaskStatus
 from workflows_app import compensation
 from workflows_app import definition as definitions
-from workflows_app.models import RunStatus, WorkflowRun, WorkflowVersion
+from workflows_app.models import FINISHED_RUN_STATUSES, RunStatus, WorkflowRun, WorkflowVersion
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def task_finished(task: Task, *, run: WorkflowRun | None = None) -> None:
 def decide(run: WorkflowRun, tasks: list[Task]) -> None:
     """Move ``run`` (locked) forward from what its tasks say now; safe to call any number of
     times (the recovery sweep calls it for runs that look stuck)."""
-    if run.status in (RunStatus.COMPLETED, RunStatus.COMPENSATED, RunStatus.FAILED,
-                      RunStatus.CANCELLED):
+    if run.status in FINISHED_RUN_STATUSES:
         return
     graph = graph_for(run)
     steps = step_tasks(tasks)
@@ -188,9 +187,7 @@ def start_steps(
                 step=name,
             )
         )
-    return task_services.task_bulk_create(
-        owner=run.owner, specs=specs, by=f"workflow run {run.id}"
-    )
+    return task_services.task_bulk_create(owner=run.owner, specs=specs, by=f"workflow run {run.id}")
 
 
 def finish(run: WorkflowRun, status: str, error: str | None = None) -> None:

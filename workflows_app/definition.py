@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jmespath
+from django.conf import settings
 from jmespath.exceptions import JMESPathError
 
 from tasks_app.handlers import registry
@@ -197,7 +198,13 @@ def _step(name: str, raw: Any, names: set[str], problems: list[str]) -> Step | N
     if task_type == "COMPENSATION":
         problems.append(f"{path}.type: COMPENSATION is for a step's compensation, not a step")
     else:
-        problems += _check_task(path, task_type, raw.get("payload", {}))
+        step_timeout = raw.get("timeout_s")
+        problems += _check_task(
+            path,
+            task_type,
+            raw.get("payload", {}),
+            timeout_s=step_timeout if isinstance(step_timeout, int) else None,
+        )
     nxt = raw.get("next", [])
     successors: list[str] = []
     if isinstance(nxt, str):
@@ -257,7 +264,7 @@ def _step(name: str, raw: Any, names: set[str], problems: list[str]) -> Step | N
     )
 
 
-def _check_task(path: str, task_type: Any, payload: Any) -> list[str]:
+def _check_task(path: str, task_type: Any, payload: Any, timeout_s: int | None = None) -> list[str]:
     if not isinstance(task_type, str):
         return [f"{path}.type: this field is required"]
     spec = registry.get(task_type)
@@ -265,7 +272,9 @@ def _check_task(path: str, task_type: Any, payload: Any) -> list[str]:
         return [f"{path}.type: unknown task type '{task_type}'"]
     refs = set(_ref_paths(payload))
     problems = []
-    for where, message in spec.validate(_without_refs(payload)):
+    if timeout_s is None:
+        timeout_s = settings.QW_DEFAULT_TIMEOUT_S
+    for where, message in spec.validate(_without_refs(payload), timeout_s=timeout_s):
         # A $ref's value is known only when the step starts; its schema is checked then.
         if any(where == ref or where.startswith((f"{ref}.", f"{ref}[")) for ref in refs):
             continue

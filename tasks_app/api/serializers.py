@@ -6,6 +6,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from queueworker.redaction import RedactedFields
 from tasks_app import selectors
 from tasks_app.handlers import registry
 from tasks_app.models import Task, TaskLog, TaskStatus
@@ -126,7 +127,8 @@ class TaskCreateInput(StrictSerializer):
             )
         spec = registry.get(attrs["type"])
         assert spec is not None  # validate_type ran first
-        problems = spec.validate(attrs.get("payload", {}))
+        timeout_s = attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S)
+        problems = spec.validate(attrs.get("payload", {}), timeout_s=timeout_s)
         if problems:
             raise serializers.ValidationError({"payload": payload_errors(problems)})
         return attrs
@@ -187,12 +189,15 @@ class WaitReasonSerializer(serializers.Serializer):
     until = serializers.DateTimeField(required=False, allow_null=True)
 
 
-class TaskOutput(serializers.Serializer):
+class TaskOutput(RedactedFields, serializers.Serializer):
     """A task as the API shows it.
 
     Declared field by field rather than as a ModelSerializer, which introspects the model
     again for every response: on the create path that cost more than the insert.
+    ``payload`` and ``error`` pass the redaction rule (``queueworker.redaction``).
     """
+
+    redacted_fields = ("payload", "error")
 
     id = serializers.UUIDField(read_only=True)
     type = serializers.CharField(read_only=True)
@@ -214,6 +219,7 @@ class TaskOutput(serializers.Serializer):
     parent = serializers.UUIDField(  # type: ignore[assignment]
         source="parent_id", read_only=True, allow_null=True
     )
+    workflow_run = serializers.UUIDField(source="workflow_run_id", read_only=True, allow_null=True)
     step = serializers.CharField(read_only=True, allow_null=True)
     cancel_requested = serializers.BooleanField(read_only=True)
     attempt = serializers.IntegerField(read_only=True)
@@ -238,7 +244,8 @@ class TaskDetailOutput(TaskOutput):
         return [str(pk) for pk in task.children.order_by("created_at").values_list("pk", flat=True)]
 
 
-class TaskLogOutput(serializers.ModelSerializer):
+class TaskLogOutput(RedactedFields, serializers.ModelSerializer):
+    redacted_fields = ("message", "data")
     data = serializers.JSONField()  # type: ignore[assignment]  # a field, not Serializer.data
 
     class Meta:

@@ -40,6 +40,8 @@ class Context(Protocol):
 
 Handler = Callable[[Any, Any], Any]
 Validator = Callable[[Any], list[tuple[str, str]]]
+# Rules between the payload and the task's own fields, e.g. a request timeout within the task's.
+TaskValidator = Callable[..., list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,27 @@ class HandlerSpec:
     description: str = ""
     # Extra checks beyond the schema (cross-field rules): returns (json path, message) pairs.
     extra_validator: Validator | None = None
+    # Checks against the task's own fields (called with timeout_s=…).
+    task_validator: TaskValidator | None = None
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         Draft202012Validator.check_schema(self.schema)
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
 
-    def validate(self, payload: Any) -> list[tuple[str, str]]:
-        """Return (json path, message) for every problem in ``payload``, by path."""
+    def validate(self, payload: Any, *, timeout_s: int | None = None) -> list[tuple[str, str]]:
+        """Return (json path, message) for every problem in ``payload``, by path.
+
+        ``timeout_s``: the task's own time limit, for the type's task-level rules.
+        """
         problems: list[tuple[str, str]] = []
         for error in self._validator.iter_errors(payload):
             problems.extend(describe(error))
         problems.sort()
         if not problems and self.extra_validator is not None:
             problems = self.extra_validator(payload)
+        if not problems and self.task_validator is not None and timeout_s is not None:
+            problems = self.task_validator(payload, timeout_s=timeout_s)
         return problems
 
 
@@ -107,6 +116,7 @@ class HandlerRegistry:
         schema: dict[str, Any],
         description: str = "",
         extra_validator: Validator | None = None,
+        task_validator: TaskValidator | None = None,
     ) -> Callable[[Handler], Handler]:
         if not _TYPE_NAME.match(task_type):
             raise ValueError(f"task type {task_type!r} must be UPPER_SNAKE_CASE, at most 64 chars")
@@ -120,6 +130,7 @@ class HandlerRegistry:
                 schema,
                 description or inspect.cleandoc(func.__doc__ or ""),
                 extra_validator,
+                task_validator,
             )
             return func
 
