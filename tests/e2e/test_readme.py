@@ -167,3 +167,17 @@ def test_every_other_readme_command_names_a_real_target_or_subcommand():
         assert result.returncode == 0, f"README command fails: {' '.join(argv)}\n{result.stderr!r}"
         checked += 1
     assert checked >= 6
+
+
+def test_readme_workflow_definition_example_is_valid():
+    from workflows_app.definition import validate
+
+    examples = [
+        block
+        for block in re.findall(r"```json\n(.*?)```", README, flags=re.S)
+        if block.lstrip().startswith('{"start"')
+    ]
+    assert examples, "README lost its workflow definition example"
+    for example in examples:
+        graph = validate(json.loads(example))
+        assert graph.start in graph.steps
