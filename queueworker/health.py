@@ -1,12 +1,24 @@
-"""Health endpoints (DESIGN §7): open to all, bounded in time, 503 naming the failing check."""
+"""Health endpoints (DESIGN §7): open to all, bounded in time, 503 naming the failing check.
+
+The checks of one request run concurrently under one deadline (``QW_HEALTH_TIMEOUT_S``), so
+the answer comes within it even when a dependency hangs; a check still running then is
+reported failed ("timed out").
+
+- ``/api/health/live/``: the process answers.
+- ``/api/health/ready/``: the database and the broker answer.
+- ``/api/health/``: those, plus workers (a Celery ping; and per queue, does any worker
+  consume it?) and queues (none over ``QW_QUEUE_OVERLOAD_THRESHOLD``).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-from django.db import connection
+from django.conf import settings
+from django.db import connection, connections
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
@@ -14,16 +26,25 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from queueworker import broker
 from queueworker.celery import app
 
 BROKER_TIMEOUT_S = 1
+PING_TIMEOUT_S = 1.0
+
+
+class CheckFailed(Exception):
+    """A dependency answered, but not as it should."""
 
 
 def check_database() -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
-    return connection.vendor
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        return connection.vendor
+    finally:
+        connections.close_all()  # a thread's own connection; do not leave it open
 
 
 def check_broker() -> str:
@@ -32,22 +53,60 @@ def check_broker() -> str:
         return conn.as_uri()
 
 
+def check_workers() -> str:
+    replies = app.control.ping(timeout=PING_TIMEOUT_S) or []
+    workers = sorted(name for reply in replies for name in reply)
+    if not workers:
+        raise CheckFailed("no worker answered a ping")
+    work_queues = [q.name for q in settings.CELERY_TASK_QUEUES]
+    idle = [s.name for s in broker.queue_stats(work_queues) if s.consumers == 0]
+    if idle:
+        raise CheckFailed(f"no worker consumes {', '.join(idle)} ({len(workers)} answered)")
+    return f"{len(workers)} answered: {', '.join(workers)}"
+
+
+def check_queues() -> str:
+    stats = broker.queue_stats()
+    unknown = [s.name for s in stats if s.messages is None]
+    if unknown:
+        raise CheckFailed(f"cannot read {', '.join(unknown)}: {stats[0].error}")
+    over = [f"{s.name} ({s.messages})" for s in stats if s.overloaded]
+    if over:
+        limit = settings.QW_QUEUE_OVERLOAD_THRESHOLD
+        raise CheckFailed(f"over {limit} messages (QW_QUEUE_OVERLOAD_THRESHOLD): {', '.join(over)}")
+    return ", ".join(f"{s.name}: {s.messages}" for s in stats)
+
+
 def run_checks(checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, Any]]:
+    """Run ``checks`` at once; each reports ok, latency and detail by the deadline."""
     results: dict[str, Any] = {}
-    healthy = True
-    for name, check in checks.items():
-        started = time.perf_counter()
-        try:
-            detail, ok = check(), True
-        except Exception as exc:  # a failing dependency is reported, not raised
-            detail, ok = f"{type(exc).__name__}: {exc}", False
-        healthy = healthy and ok
-        results[name] = {
-            "ok": ok,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            "detail": detail,
-        }
-    return healthy, results
+    if not checks:
+        return True, results
+    pool = ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="health")
+    started = time.perf_counter()
+    futures = {name: pool.submit(_timed, check) for name, check in checks.items()}
+    wait(futures.values(), timeout=settings.QW_HEALTH_TIMEOUT_S)
+    pool.shutdown(wait=False, cancel_futures=True)  # a hung check must not hold the answer
+    for name, future in futures.items():
+        if future.done():
+            results[name] = future.result()
+        else:
+            elapsed = round((time.perf_counter() - started) * 1000, 2)
+            results[name] = {"ok": False, "latency_ms": elapsed, "detail": "timed out"}
+    return all(r["ok"] for r in results.values()), results
+
+
+def _timed(check: Callable[[], str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        detail, ok = check(), True
+    except Exception as exc:  # a failing dependency is reported, not raised
+        detail, ok = f"{type(exc).__name__}: {exc}", False
+    return {
+        "ok": ok,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+        "detail": detail,
+    }
 
 
 HealthOutput = inline_serializer(
@@ -86,4 +145,11 @@ class ReadyView(_HealthBase):
 
 
 class HealthView(_HealthBase):
-    checks = {"database": check_database, "broker": check_broker}
+    """Every dependency: database, broker, workers (and which queues have none), queues."""
+
+    checks = {
+        "database": check_database,
+        "broker": check_broker,
+        "workers": check_workers,
+        "queues": check_queues,
+    }

@@ -155,6 +155,10 @@ QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maxim
 QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
 QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
 QW_WORKER_SYNC_COMMIT = env.bool("QW_WORKER_SYNC_COMMIT", False)
+QW_QUEUE_OVERLOAD_THRESHOLD = env.int("QW_QUEUE_OVERLOAD_THRESHOLD", 10_000, minimum=1)
+# RabbitMQ's management API (http://user:password@host:15672): the only source of unacked counts.
+QW_RABBITMQ_MANAGEMENT_URL = env.str("QW_RABBITMQ_MANAGEMENT_URL", "")
+QW_HEALTH_TIMEOUT_S = env.float("QW_HEALTH_TIMEOUT_S", 2.5, minimum=0.1, maximum=10.0)
 QW_HANDLER_MODULES = env.list("QW_HANDLER_MODULES", [])
 QW_TYPE_ROUTES = messaging.parse_type_routes(env.list("QW_TYPE_ROUTES", []))
 if QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS >= 1800:

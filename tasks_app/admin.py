@@ -57,7 +57,7 @@ class TaskAdmin(admin.ModelAdmin):
     list_select_related = ("owner",)
     show_full_result_count = False
     inlines = [TaskLogInline]
-    actions = ["cancel_tasks", "retry_tasks"]
+    actions = ["cancel_tasks", "retry_tasks", "redrive_dead_letters"]
     readonly_fields = (
         "id",
         "owner",
@@ -150,6 +150,14 @@ class TaskAdmin(admin.ModelAdmin):
         self.message_user(
             request, f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.", level
         )
+
+    @admin.action(description="Redrive selected dead letters (FAILED)", permissions=["change"])
+    def redrive_dead_letters(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
+        failed = list(queryset.filter(status="FAILED"))
+        done = services.dead_letter_redrive(tasks=failed, by=request.user.get_username())
+        refused = queryset.count() - len(done)
+        level = messages.SUCCESS if not refused else messages.WARNING
+        self.message_user(request, f"Redriven: {len(done)}; not FAILED: {refused}.", level)
 
 
 @admin.register(TaskLog)

@@ -24,7 +24,9 @@ def task_logs(task: Task) -> QuerySet[TaskLog]:
     return TaskLog.objects.filter(task=task).order_by("created_at", "id")
 
 
-def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | None:
+def wait_reason(
+    task: Task, now: datetime | None = None, *, ask_broker: bool = True
+) -> dict[str, Any] | None:
     """Why a non-terminal task is not (yet) done: ``{code, detail, until?}``; None if terminal."""
     now = now or timezone.now()
     if task.status == TaskStatus.PROCESSING:
@@ -45,7 +47,7 @@ def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | Non
                 "detail": f"Retry {task.retries} of {task.max_retries} after: {task.error}",
                 "until": task.next_attempt_at,
             }
-        return {"code": "queued", "detail": f"Retry {task.retries} is queued on {task.queue}."}
+        return _queued(task, ask_broker)
     if task.status == TaskStatus.PENDING:
         if task.next_attempt_at and task.next_attempt_at > now:
             return {
@@ -58,8 +60,20 @@ def wait_reason(task: Task, now: datetime | None = None) -> dict[str, Any] | Non
                 "code": "awaiting_dispatch",
                 "detail": "Due; the dispatcher publishes it once the broker accepts messages.",
             }
-        return {"code": "queued", "detail": f"Waiting for a worker on queue {task.queue}."}
+        return _queued(task, ask_broker)
     return None
+
+
+def _queued(task: Task, ask_broker: bool) -> dict[str, Any]:
+    from queueworker import broker
+
+    if ask_broker and broker.cached_consumers(task.queue) == 0:
+        return {
+            "code": "no_consumer",
+            "detail": f"No worker consumes queue {task.queue}: start "
+            f"one with celery -A queueworker worker -Q {task.queue}.",
+        }
+    return {"code": "queued", "detail": f"Waiting for a worker on queue {task.queue}."}
 
 
 def dead_letter_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:

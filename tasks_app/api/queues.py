@@ -6,12 +6,16 @@ from typing import Any
 
 import django_filters
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
+from queueworker import broker
 from tasks_app import selectors, services
 from tasks_app.api.serializers import StrictSerializer, TaskOutput
 from tasks_app.models import FailureClass, Task
@@ -27,9 +31,21 @@ class DeadLetterFilter(django_filters.FilterSet):
         fields = ["failure_class", "type", "failed_after"]
 
 
+class RedriveFilterInput(StrictSerializer):
+    failure_class = serializers.ListField(
+        child=serializers.ChoiceField(choices=FailureClass.choices), required=False
+    )
+    type = serializers.CharField(required=False)
+    failed_after = serializers.DateTimeField(required=False)
+
+
 class RedriveInput(StrictSerializer):
     task_ids = serializers.ListField(
         child=serializers.UUIDField(), required=False, allow_empty=False, max_length=10_000
+    )
+    filter = RedriveFilterInput(
+        required=False,
+        help_text="Every dead letter matching it (failure_class, type, failed_after).",
     )
     all = serializers.BooleanField(required=False, default=False)
     payload = serializers.JSONField(
@@ -37,9 +53,10 @@ class RedriveInput(StrictSerializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if bool(attrs.get("task_ids")) == bool(attrs.get("all")):
+        given = [key for key in ("task_ids", "filter", "all") if attrs.get(key)]
+        if len(given) != 1:
             raise serializers.ValidationError(
-                {"task_ids": ["Give task_ids, or all: true (not both)."]}
+                {"task_ids": ["Give exactly one of task_ids, filter, or all: true."]}
             )
         return attrs
 
@@ -69,11 +86,80 @@ class DeadLetterViewSet(viewsets.GenericViewSet):
         body = RedriveInput(data=request.data)
         body.is_valid(raise_exception=True)
         queryset = self.get_queryset()
-        if not body.validated_data.get("all"):
-            queryset = queryset.filter(pk__in=body.validated_data["task_ids"])
+        data = body.validated_data
+        if data.get("task_ids"):
+            queryset = queryset.filter(pk__in=data["task_ids"])
+        elif data.get("filter"):
+            where = data["filter"]
+            if where.get("failure_class"):
+                queryset = queryset.filter(failure_class__in=where["failure_class"])
+            if where.get("type"):
+                queryset = queryset.filter(type=where["type"])
+            if where.get("failed_after"):
+                queryset = queryset.filter(finished_at__gte=where["failed_after"])
         requeued = services.dead_letter_redrive(
             tasks=list(queryset),
             by=request.user.get_username(),
             payload=body.validated_data.get("payload"),
         )
         return Response({"redriven": len(requeued)}, status=status.HTTP_202_ACCEPTED)
+
+
+class QueueOutput(serializers.Serializer):
+    name = serializers.CharField()
+    messages = serializers.IntegerField(allow_null=True, help_text="Ready messages.")
+    messages_unacked = serializers.IntegerField(
+        allow_null=True, help_text="Null unless QW_RABBITMQ_MANAGEMENT_URL is set."
+    )
+    consumers = serializers.IntegerField(allow_null=True)
+    overloaded = serializers.BooleanField(help_text="More than QW_QUEUE_OVERLOAD_THRESHOLD.")
+    error = serializers.CharField(allow_blank=True)
+
+
+class QueueListView(APIView):
+    """Every declared queue, as the broker sees it now."""
+
+    @extend_schema(responses=QueueOutput(many=True))
+    def get(self, request: Request) -> Response:
+        stats = broker.queue_stats()
+        rows = [
+            {
+                "name": s.name,
+                "messages": s.messages,
+                "messages_unacked": s.messages_unacked,
+                "consumers": s.consumers,
+                "overloaded": s.overloaded,
+                "error": s.error,
+            }
+            for s in stats
+        ]
+        return Response(QueueOutput(rows, many=True).data)
+
+
+class PurgeInput(StrictSerializer):
+    confirm = serializers.CharField(help_text="The queue's name again, to confirm.")
+
+
+class PurgeOutput(serializers.Serializer):
+    purged = serializers.IntegerField()
+
+
+class QueuePurgeView(APIView):
+    """Drop a queue's messages (staff only). Tasks stay in the database: their wake-ups are
+    gone, and beat's dispatcher republishes what still waits after QW_REDISPATCH_SECONDS;
+    cancel tasks to drop work."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        request=PurgeInput,
+        responses={200: PurgeOutput, 400: OpenApiResponse(description="confirm differs.")},
+    )
+    def post(self, request: Request, name: str) -> Response:
+        if name not in broker.declared_queue_names():
+            raise NotFound(f"No declared queue '{name}'.")
+        body = PurgeInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        if body.validated_data["confirm"] != name:
+            raise serializers.ValidationError({"confirm": [f"Must be '{name}'."]})
+        return Response({"purged": broker.purge(name)})

@@ -231,7 +231,8 @@ class TaskOutput(RedactedFields, serializers.Serializer):
 
     @extend_schema_field(WaitReasonSerializer(allow_null=True))
     def get_wait_reason(self, task: Task) -> dict[str, Any] | None:
-        return selectors.wait_reason(task)
+        # A create answers without asking the broker about consumers (its latency counts).
+        return selectors.wait_reason(task, ask_broker=not self.context.get("created"))
 
 
 class TaskDetailOutput(TaskOutput):

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from tasks_app.api.queues import DeadLetterViewSet
+from tasks_app.api.queues import DeadLetterViewSet, QueueListView, QueuePurgeView
 from tasks_app.api.views import TaskViewSet
 from workflows_app.api.views import WorkflowRunViewSet, WorkflowViewSet
 
@@ -13,4 +14,8 @@ router.register("queues/dead-letter", DeadLetterViewSet, basename="dead-letter")
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 
-urlpatterns = router.urls
+urlpatterns = [
+    path("queues/", QueueListView.as_view(), name="queue-list"),
+    path("queues/<str:name>/purge/", QueuePurgeView.as_view(), name="queue-purge"),
+    *router.urls,
+]

@@ -71,7 +71,10 @@ def test_changelist_search_by_id_finds_the_task(admin_client_, user):
     assert [t.pk for t in response.context["cl"].result_list] == [wanted.pk]
 
 
-def test_change_page_shows_logs_inline_and_wait_reason(admin_client_, user):
+def test_change_page_shows_logs_inline_and_wait_reason(admin_client_, user, monkeypatch):
+    from queueworker import broker
+
+    monkeypatch.setattr(broker, "cached_consumers", lambda name: 1)  # a worker is there
     # given a pending task with two log rows
     task = TaskFactory(owner=user)
     TaskLog.objects.create(task=task, event="created", message="created by someone")

@@ -191,7 +191,10 @@ def test_create_scheduled_in_the_past_is_published_at_once(api, django_capture_o
 # --- detail and logs ---------------------------------------------------------------------------
 
 
-def test_detail_answers_task_with_children_and_wait_reason(api, user):
+def test_detail_answers_task_with_children_and_wait_reason(api, user, monkeypatch):
+    from queueworker import broker
+
+    monkeypatch.setattr(broker, "cached_consumers", lambda name: 1)  # a worker is there
     task = TaskFactory(owner=user, payload={"result": 1})
     child = TaskFactory(owner=user, parent=task)
 

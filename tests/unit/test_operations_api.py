@@ -1,0 +1,122 @@
+"""Queues, purge, redrive by filter, the admin redrive, health deadlines, wait reasons."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.utils import timezone
+
+from queueworker import broker, health
+from tasks_app import dispatch, selectors
+from tasks_app.models import Task, TaskStatus
+from tests.factories import TaskFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch):
+    monkeypatch.setattr(dispatch, "publish", lambda wakeups: len(wakeups))
+
+
+def _dead(owner, **fields):
+    defaults = {
+        "status": TaskStatus.FAILED,
+        "failure_class": "retries_exhausted",
+        "finished_at": timezone.now(),
+        "attempt": 1,
+    }
+    return TaskFactory(owner=owner, **{**defaults, **fields})
+
+
+def test_purge_is_staff_only_confirmed_and_limited_to_declared_queues(
+    api, client_for, staff_user, monkeypatch
+):
+    purged = []
+    monkeypatch.setattr(broker, "purge", lambda name: purged.append(name) or 7)
+    staff = client_for(staff_user)
+
+    assert (
+        api.post(
+            "/api/queues/task.created/purge/", {"confirm": "task.created"}, format="json"
+        ).status_code
+        == 403
+    )
+    assert (
+        staff.post("/api/queues/nope/purge/", {"confirm": "nope"}, format="json").status_code == 404
+    )
+    wrong = staff.post(
+        "/api/queues/task.created/purge/", {"confirm": "http.request"}, format="json"
+    )
+    right = staff.post(
+        "/api/queues/task.created/purge/", {"confirm": "task.created"}, format="json"
+    )
+
+    assert wrong.status_code == 400 and "confirm" in wrong.json()
+    assert right.status_code == 200 and right.json() == {"purged": 7}
+    assert purged == ["task.created"]
+
+
+def test_redrive_by_filter_takes_only_the_matching_dead_letters(api, user):
+    lost = _dead(user, failure_class="worker_lost")
+    other_type = _dead(user, failure_class="worker_lost", type="OTHER")
+    exhausted = _dead(user, failure_class="retries_exhausted")
+
+    response = api.post(
+        "/api/queues/dead-letter/redrive/",
+        {"filter": {"failure_class": ["worker_lost"], "type": "NOOP"}},
+        format="json",
+    )
+
+    assert response.status_code == 202 and response.json() == {"redriven": 1}
+    statuses = dict(Task.objects.values_list("pk", "status"))
+    assert statuses[lost.pk] == TaskStatus.PENDING
+    assert statuses[other_type.pk] == statuses[exhausted.pk] == TaskStatus.FAILED
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"all": True, "task_ids": ["x"]}, {"filter": {"failure_class": ["nope"]}}]
+)
+def test_redrive_refuses_ambiguous_or_bad_selections(api, body):
+    assert api.post("/api/queues/dead-letter/redrive/", body, format="json").status_code == 400
+
+
+def test_admin_redrive_action_requeues_failed_tasks_only(client, staff_user):
+    dead = _dead(staff_user)
+    done = TaskFactory(owner=staff_user, status=TaskStatus.COMPLETED)
+    client.force_login(staff_user)
+
+    response = client.post(
+        "/admin/tasks_app/task/",
+        {"action": "redrive_dead_letters", "_selected_action": [dead.pk, done.pk]},
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    assert "Redriven: 1; not FAILED: 1." in response.content.decode()
+    assert Task.objects.get(pk=dead.pk).status == TaskStatus.PENDING
+    assert Task.objects.get(pk=done.pk).status == TaskStatus.COMPLETED
+
+
+def test_a_hanging_check_is_reported_timed_out_by_the_deadline(settings):
+    settings.QW_HEALTH_TIMEOUT_S = 0.3
+    started = time.monotonic()
+
+    healthy, results = health.run_checks(
+        {"slow": lambda: time.sleep(5) or "late", "fast": lambda: "ok"}
+    )
+
+    assert time.monotonic() - started < 1.0
+    assert not healthy
+    assert results["slow"]["detail"] == "timed out" and results["fast"]["ok"]
+
+
+def test_wait_reason_names_a_queue_without_consumers(user, monkeypatch):
+    monkeypatch.setattr(broker, "cached_consumers", lambda name: 0)
+    task = TaskFactory(owner=user, queue="data.processing")
+
+    reason = selectors.wait_reason(task)
+
+    assert reason["code"] == "no_consumer"
+    assert "celery -A queueworker worker -Q data.processing" in reason["detail"]
