@@ -9,7 +9,7 @@ from django.http import HttpRequest
 from queueworker.errors import InvalidTransition
 from queueworker.redaction import redact
 from tasks_app import selectors, services
-from tasks_app.models import Task, TaskLog
+from tasks_app.models import DeadLetterMessage, Task, TaskLog
 
 
 class RedactedLogFields:
@@ -169,6 +169,32 @@ class TaskLogAdmin(RedactedLogFields, admin.ModelAdmin):
     fields = ("task", "level", "event", "message_redacted", "data_redacted", "created_at")
     readonly_fields = fields
     show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(DeadLetterMessage)
+class DeadLetterMessageAdmin(admin.ModelAdmin):
+    """Messages the application refused, recorded from tasks.dead_letter (read-only)."""
+
+    list_display = ("created_at", "failure_class", "reason", "queue", "task_name", "task_id")
+    list_filter = ("failure_class", "queue", "created_at")
+    search_fields = ("reason", "=task_id", "task_name")
+    readonly_fields = (
+        "failure_class",
+        "reason",
+        "queue",
+        "content_type",
+        "task_name",
+        "task_id",
+        "headers",
+        "body_excerpt",
+        "created_at",
+    )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

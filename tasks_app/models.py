@@ -158,3 +158,29 @@ class TaskLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id} {self.event}"
+
+
+class DeadLetterMessage(models.Model):
+    """A message the application never accepted, taken off ``tasks.dead_letter`` and recorded.
+
+    Tasks that fail for good are dead letters in ``Task`` itself; these are the messages that
+    never became a task's work: not JSON, an unknown task name, no such task, a bad id.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    failure_class = models.CharField(max_length=32, choices=FailureClass.choices)
+    reason = models.CharField(max_length=255)
+    queue = models.CharField(max_length=128, blank=True, default="")
+    content_type = models.CharField(max_length=128, blank=True, default="")
+    task_name = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.UUIDField(null=True, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    body_excerpt = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [models.Index(fields=["-created_at"], name="deadletter_message_created")]
+
+    def __str__(self) -> str:
+        return f"{self.failure_class}: {self.reason}"

@@ -10,13 +10,18 @@ from celery import Task as CeleryTask
 from celery.exceptions import Reject
 from django.db import InterfaceError, OperationalError, connections
 
+from queueworker.celery import app
 from queueworker.messaging import DEFAULT_QUEUE
 from queueworker.tasking import instrumented_task
 from tasks_app import worker
+from tasks_app.dead_letters import DeadLetterConsumer
 from tasks_app.dispatch import EXECUTE_TASK
 from tasks_app.models import Task
 
 logger = logging.getLogger(__name__)
+
+# Every worker also records what lands on tasks.dead_letter (see tasks_app/dead_letters.py).
+app.steps["consumer"].add(DeadLetterConsumer)
 
 DB_RETRY_MAX = 100
 DB_RETRY_CAP_S = 10

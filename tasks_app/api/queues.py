@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from queueworker import broker
 from tasks_app import selectors, services
 from tasks_app.api.serializers import StrictSerializer, TaskOutput
-from tasks_app.models import FailureClass, Task
+from tasks_app.models import DeadLetterMessage, FailureClass, Task
 
 
 class DeadLetterFilter(django_filters.FilterSet):
@@ -163,3 +163,37 @@ class QueuePurgeView(APIView):
         if body.validated_data["confirm"] != name:
             raise serializers.ValidationError({"confirm": [f"Must be '{name}'."]})
         return Response({"purged": broker.purge(name)})
+
+
+class DeadLetterMessageOutput(serializers.ModelSerializer):
+    class Meta:
+        model = DeadLetterMessage
+        fields = [
+            "id",
+            "failure_class",
+            "reason",
+            "queue",
+            "content_type",
+            "task_name",
+            "task_id",
+            "headers",
+            "body_excerpt",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class DeadLetterMessageViewSet(viewsets.GenericViewSet):
+    """Messages the application refused (not JSON, unknown task name, no such task), recorded
+    from tasks.dead_letter. Staff only: a message has no owner."""
+
+    permission_classes = [IsAdminUser]
+    filter_backends: list[Any] = []
+
+    def get_queryset(self) -> QuerySet[DeadLetterMessage]:
+        return DeadLetterMessage.objects.all()
+
+    @extend_schema(responses=DeadLetterMessageOutput(many=True))
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(DeadLetterMessageOutput(page, many=True).data)

@@ -3,13 +3,21 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from tasks_app.api.queues import DeadLetterViewSet, QueueListView, QueuePurgeView
+from tasks_app.api.queues import (
+    DeadLetterMessageViewSet,
+    DeadLetterViewSet,
+    QueueListView,
+    QueuePurgeView,
+)
 from tasks_app.api.views import TaskViewSet
 from workflows_app.api.views import WorkflowRunViewSet, WorkflowViewSet
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("tasks", TaskViewSet, basename="task")
+router.register(
+    "queues/dead-letter/messages", DeadLetterMessageViewSet, basename="dead-letter-message"
+)
 router.register("queues/dead-letter", DeadLetterViewSet, basename="dead-letter")
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
