@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from queueworker import health
+from queueworker import health, metrics_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -12,6 +12,8 @@ urlpatterns = [
     path("api/health/", health.HealthView.as_view(), name="health"),
     path("api/health/live/", health.LiveView.as_view(), name="health-live"),
     path("api/health/ready/", health.ReadyView.as_view(), name="health-ready"),
+    path("api/metrics/", metrics_views.MetricsView.as_view(), name="metrics"),
+    path("metrics", metrics_views.prometheus_metrics, name="prometheus-metrics"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api-auth/", include("rest_framework.urls")),

@@ -105,6 +105,12 @@ class Task(models.Model):
                 name="task_dead_letter",
                 condition=Q(status="FAILED"),
             ),
+            # Metrics read finished tasks by time window (throughput, durations, error rates).
+            models.Index(
+                fields=["-finished_at"],
+                name="task_finished",
+                condition=Q(finished_at__isnull=False),
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
