@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_WORKERS ?= 2
+QW_VAR_DIR ?= var
+# Flower's login for `make run` when FLOWER_BASIC_AUTH is not set: made once, kept in var/.
+FLOWER_AUTH_FILE := $(QW_VAR_DIR)/flower-auth
 
 .PHONY: install run migrate test test-unit test-integration lint bench clean
 
@@ -21,8 +24,13 @@ migrate: install
 
 run: migrate
 	$(BIN)/python manage.py collectstatic --no-input -v0
+	@if [ -z "$$FLOWER_BASIC_AUTH" ] && [ ! -s "$(FLOWER_AUTH_FILE)" ]; then \
+	  mkdir -p "$(QW_VAR_DIR)" && umask 077 && \
+	  $(BIN)/python -c 'import secrets; print("admin:" + secrets.token_urlsafe(18))' > "$(FLOWER_AUTH_FILE)"; \
+	fi
 	$(BIN)/python manage.py qw_banner
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/honcho start -f Procfile
+	FLOWER_BASIC_AUTH="$${FLOWER_BASIC_AUTH:-$$(cat "$(FLOWER_AUTH_FILE)")}" \
+	  PATH=$(abspath $(BIN)):$$PATH $(BIN)/honcho start -f Procfile
 
 test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile

@@ -1,4 +1,9 @@
-"""Request body limit, answered as JSON 413 before anything is parsed (DESIGN §7).
+"""Request ids, and the request body limit answered as JSON 413 before parsing (DESIGN §7).
+
+``RequestIdMiddleware`` gives every request an id: the caller's ``X-Request-ID`` when it is
+1–128 characters of ``[A-Za-z0-9._-]``, else a new one (uuid4 hex). It is bound to the request's
+log lines, returned in the response's ``X-Request-ID``, and carried into the tasks the request
+creates (their wake-up message's ``metadata`` and their ``created`` log row).
 
 Django checks ``DATA_UPLOAD_MAX_MEMORY_SIZE`` only when ``request.body`` or ``request.POST``
 is read; DRF's parsers read the raw stream and would let a large JSON body through. This
@@ -9,11 +14,27 @@ without one, on the bytes actually read.
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Callable
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from queueworker import logcontext
+
+
+class RequestIdMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        given = request.headers.get(logcontext.REQUEST_ID_HEADER)
+        request_id = logcontext.valid_request_id(given) or uuid.uuid4().hex
+        with logcontext.bind(request_id=request_id):
+            response = self.get_response(request)
+        response[logcontext.REQUEST_ID_HEADER] = request_id
+        return response
 
 
 def too_large_response() -> JsonResponse:

@@ -185,7 +185,8 @@ class RedactingFilter(logging.Filter):
     Attached to the handlers in ``settings.LOGGING``, so it sees records from every logger
     that propagates there. The arguments are redacted before formatting (so a dict argument
     loses its ``auth`` subtree), then the formatted message as text; a traceback is formatted
-    here, redacted, and appended to the message.
+    here, redacted, and left in ``exc_text`` (which formatters print after the message, and
+    ``JsonFormatter`` puts in its ``exc_info`` field).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -196,11 +197,11 @@ class RedactingFilter(logging.Filter):
         except (TypeError, ValueError):  # a bad format string: keep what logging would show
             message = f"{record.msg} {record.args!r}"
         if record.exc_info and record.exc_info[0] is not None:
-            message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
-            record.exc_info = None
+            if not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None  # no formatter may format it again, unredacted
         if record.exc_text:
-            message = f"{message}\n{record.exc_text}"
-            record.exc_text = None
+            record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
         record.msg = redact_text(message)

@@ -54,6 +54,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that every response (a 413 too) and every log line of the request has its id.
+    "queueworker.middleware.RequestIdMiddleware",
     "queueworker.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -304,20 +306,28 @@ LOG_LEVEL = env.choice(
     "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
 ).upper()
 LOG_FORMAT = env.choice("LOG_FORMAT", "console", ("json", "console"))
+LOGGING_CONFIG = "queueworker.logging.configure"  # dictConfig, and warnings become records
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "json": {"()": "queueworker.logging.JsonFormatter"},
-        "console": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
+        "console": {
+            "class": "queueworker.logging.ConsoleFormatter",
+            "format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        },
     },
-    # One filter keeps secrets out of every record these handlers write (queueworker.redaction).
-    "filters": {"redact": {"()": "queueworker.redaction.RedactingFilter"}},
+    "filters": {
+        # The task or request a record belongs to (queueworker.logcontext).
+        "context": {"()": "queueworker.logcontext.ContextFilter"},
+        # One filter keeps secrets out of every record these handlers write (queueworker.redaction).
+        "redact": {"()": "queueworker.redaction.RedactingFilter"},
+    },
     "handlers": {
         "default": {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
-            "filters": ["redact"],
+            "filters": ["context", "redact"],
         },
     },
     "root": {"handlers": ["default"], "level": LOG_LEVEL},

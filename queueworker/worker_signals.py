@@ -10,8 +10,12 @@ from django.conf import settings
 from django.db.backends.signals import connection_created
 
 from queueworker import messaging
+from queueworker.logging import connect_celery
 
 logger = logging.getLogger(__name__)
+
+# Worker and beat log through settings.LOGGING (LOG_FORMAT), not Celery's own handlers.
+connect_celery()
 
 
 def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:

@@ -1,6 +1,8 @@
 """Publishing wake-up messages: after commit, bounded in time, never the source of truth.
 
-A message carries ``{taskType, taskId, delay, metadata}`` — ids, never payloads. If the
+A message carries ``{taskType, taskId, delay, metadata}`` — ids, never payloads; ``metadata``
+holds the time limit, the queue and, when the task was created or retried while handling a
+request or a message that had one, its ``request_id`` (from ``queueworker.logcontext``). If the
 broker cannot take it, the task's ``dispatched_at`` is cleared and the dispatcher in beat
 publishes it later; a short circuit breaker keeps every request from paying the connect
 timeout while the broker is down.
@@ -24,6 +26,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from queueworker import logcontext
 from queueworker.celery import app
 from queueworker.messaging import TASKS_EXCHANGE
 from tasks_app.models import WAITING_STATUSES, Task
@@ -46,18 +49,30 @@ class Wakeup:
     priority: int
     timeout_s: int
     countdown: float = 0.0
+    request_id: str | None = None
 
 
 def wakeup_for(task: Task, countdown: float = 0.0) -> Wakeup:
-    return Wakeup(str(task.id), task.type, task.queue, task.priority, task.timeout_s, countdown)
+    return Wakeup(
+        str(task.id),
+        task.type,
+        task.queue,
+        task.priority,
+        task.timeout_s,
+        countdown,
+        logcontext.request_id(),
+    )
 
 
 def message_kwargs(wakeup: Wakeup) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"timeout_s": wakeup.timeout_s, "queue": wakeup.queue}
+    if wakeup.request_id is not None:
+        metadata["request_id"] = wakeup.request_id
     return {
         "taskType": wakeup.type,
         "taskId": wakeup.task_id,
         "delay": wakeup.countdown,
-        "metadata": {"timeout_s": wakeup.timeout_s, "queue": wakeup.queue},
+        "metadata": metadata,
     }
 
 

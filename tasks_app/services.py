@@ -15,6 +15,7 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from queueworker import logcontext
 from queueworker.errors import Conflict, InvalidTransition
 from tasks_app import dispatch, state
 from tasks_app.models import Task, TaskLog, TaskStatus
@@ -86,12 +87,12 @@ def _created_log(task: Task, by: str) -> TaskLog:
     message = f"created by {by}" + (
         f", due at {task.next_attempt_at:%Y-%m-%dT%H:%M:%S.%fZ}" if delayed else ""
     )
-    return TaskLog(
-        task=task,
-        event="created",
-        message=message,
-        data={"by": by, "queue": task.queue, "priority": task.priority},
-    )
+    data: dict[str, Any] = {"by": by, "queue": task.queue, "priority": task.priority}
+    # Kept with the task: a message the dispatcher or the sweep republishes carries none.
+    request_id = logcontext.request_id()
+    if request_id is not None:
+        data["request_id"] = request_id
+    return TaskLog(task=task, event="created", message=message, data=data)
 
 
 def task_create(*, owner: User, spec: TaskSpec) -> tuple[Task, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -10,6 +11,7 @@ from celery import Task as CeleryTask
 from celery.exceptions import Reject
 from django.db import InterfaceError, OperationalError, connections
 
+from queueworker import logcontext
 from queueworker.celery import app
 from queueworker.messaging import DEFAULT_QUEUE
 from queueworker.tasking import instrumented_task
@@ -42,19 +44,36 @@ def execute_task(
         raise Reject(f"invalid taskId {taskId!r}", requeue=False) from None
     timeout_s = _timeout_from(metadata)
     hostname = self.request.hostname or ""
-    try:
-        outcome = worker.run(task_id, timeout_s=timeout_s, worker=hostname)
-        if outcome.status == "skipped" and not Task.objects.filter(id=task_id).exists():
-            raise Reject(f"no task {task_id}", requeue=False)
-    except (OperationalError, InterfaceError) as exc:
-        # The database is restarting or unreachable: drop the broken connection (Celery keeps
-        # connections across tasks), wait and try again; the row is unchanged.
-        close_broken_connections()
-        countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
-        logger.warning("database unavailable for task %s, retrying in %ss", task_id, countdown)
-        raise self.retry(exc=exc, countdown=countdown) from exc
-    logger.debug("task %s %s %s", task_id, outcome.status, outcome.detail)
+    request_id = logcontext.valid_request_id((metadata or {}).get("request_id"))
+    started = time.monotonic()
+    # The pipeline adds type, attempt and workflow_run_id once it has claimed the row.
+    with logcontext.bind(task_id=task_id, request_id=request_id):
+        try:
+            outcome = worker.run(task_id, timeout_s=timeout_s, worker=hostname)
+            if outcome.status == "skipped" and not Task.objects.filter(id=task_id).exists():
+                raise Reject(f"no task {task_id}", requeue=False)
+        except (OperationalError, InterfaceError) as exc:
+            # The database is restarting or unreachable: drop the broken connection (Celery
+            # keeps connections across tasks), wait and try again; the row is unchanged.
+            close_broken_connections()
+            countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+            logger.warning("database unavailable for task %s, retrying in %ss", task_id, countdown)
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        _log_outcome(outcome, (time.monotonic() - started) * 1000)
     return outcome.status
+
+
+def _log_outcome(outcome: worker.Outcome, duration_ms: float) -> None:
+    """One line per message handled, with the task's context: what became of it, how long."""
+    detail = f": {outcome.detail}" if outcome.detail else ""
+    logger.log(
+        logging.WARNING if outcome.status == "failed" else logging.INFO,
+        "task %s in %.1f ms%s",
+        outcome.status,
+        duration_ms,
+        detail,
+        extra={"outcome": outcome.status, "duration_ms": round(duration_ms, 1)},
+    )
 
 
 def _timeout_from(metadata: dict[str, Any] | None) -> int:

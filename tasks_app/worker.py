@@ -24,6 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 
+from queueworker import logcontext
 from tasks_app import dispatch, state
 from tasks_app.backoff import backoff_delay
 from tasks_app.errors import PermanentError, RetryableError, TaskCancelled
@@ -71,6 +72,7 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     task = state.claim(task_id, lease_s=lease_s, worker=worker)
     if task is None:
         return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
+    logcontext.update(type=task.type, attempt=task.attempt, workflow_run_id=task.workflow_run_id)
     if task.cancel_requested:
         _finishing(task, lambda: state.cancel_running(task.id, task.attempt))
         return Outcome("cancelled", "cancel requested before start")
@@ -102,7 +104,7 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         return _finish_failed(task, str(exc), retryable=False)
     except Exception as exc:
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
-        logger.exception("handler %s raised", task.type, extra={"task_id": str(task.id)})
+        logger.exception("handler %s raised", task.type)
         return _finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
     try:
         json.dumps(result, allow_nan=False)

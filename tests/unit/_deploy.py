@@ -351,6 +351,7 @@ COMPOSE_SECRETS = {
     "DJANGO_SECRET_KEY": "stand-in-secret-key",
     "POSTGRES_PASSWORD": "standinpostgres",
     "RABBITMQ_PASSWORD": "standinrabbitmq",
+    "FLOWER_BASIC_AUTH": "admin:standinflower",
 }
 VARIABLE = re.compile(r"\$\{(\w+)(?:(:?)([-?])([^}]*))?\}")
 
