@@ -43,8 +43,16 @@ def run_steps(run: WorkflowRun) -> tuple[list[dict[str, Any]], list[dict[str, An
     by_step = coordinator.step_tasks(tasks)
     graph = coordinator.graph_for(run)
     steps = []
+    done = {n for n, t in by_step.items() if t.status == "COMPLETED"}
     for name in graph.order:
         task = by_step.get(name)
+        waiting = None
+        if task is None and run.status == "RUNNING":
+            missing = [p for p in graph.predecessors[name] if p not in done]
+            waiting = {
+                "code": "waiting_for_predecessors",
+                "detail": f"Starts once {', '.join(missing)} completed.",
+            }
         steps.append(
             {
                 "name": name,
@@ -55,6 +63,7 @@ def run_steps(run: WorkflowRun) -> tuple[list[dict[str, Any]], list[dict[str, An
                 "attempts": task.attempt if task else 0,
                 "started_at": task.started_at if task else None,
                 "finished_at": task.finished_at if task else None,
+                "wait_reason": waiting,
             }
         )
     compensations = [

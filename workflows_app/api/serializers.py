@@ -72,6 +72,9 @@ class RunStepOutput(serializers.Serializer):
     attempts = serializers.IntegerField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
+    wait_reason = serializers.DictField(
+        allow_null=True, help_text="A step not started yet: the predecessors it waits for."
+    )
 
 
 class RunCompensationOutput(serializers.Serializer):

@@ -158,6 +158,11 @@ def test_run_start_shows_steps_in_graph_order(api, no_broker):
     assert response["Location"] == f"/api/workflow-runs/{run['id']}/"
     assert run["status"] == "RUNNING" and run["version"] == 1 and run["input"] == {"sku": "A"}
     assert [(s["name"], s["status"]) for s in run["steps"]] == [("a", "PENDING"), ("b", None)]
+    assert run["steps"][0]["wait_reason"] is None
+    assert run["steps"][1]["wait_reason"] == {
+        "code": "waiting_for_predecessors",
+        "detail": "Starts once a completed.",
+    }
     assert run["compensations"] == []
     tasks = api.get(f"/api/tasks/?workflow_run={run['id']}").json()["results"]
     assert [t["id"] for t in tasks] == [run["steps"][0]["task"]]
