@@ -83,30 +83,38 @@ def start_compensation(
 ) -> Task:
     spec = graph.steps[str(task.step)].compensation
     assert spec is not None  # undo_order keeps only steps that declare one
-    payload = {
-        "compensates": str(task.id),
-        "action": {
-            "type": spec["type"],
-            "payload": coordinator.resolve(spec.get("payload", {}), ctx),
-        },
-    }
-    max_retries = spec.get("max_retries")
     (created,) = task_services.task_bulk_create(
         owner=run.owner,
-        specs=[
-            task_services.TaskSpec(
-                type=coordinator.COMPENSATION_TYPE,
-                payload=payload,
-                max_retries=max_retries
-                if max_retries is not None
-                else settings.QW_DEFAULT_MAX_RETRIES,
-                priority=0,
-                timeout_s=settings.QW_DEFAULT_TIMEOUT_S,
-                parent_id=task.id,
-                workflow_run_id=run.id,
-                step=task.step,
-            )
-        ],
+        specs=[compensation_spec(task, spec, ctx, workflow_run_id=run.id)],
         by=f"workflow run {run.id}",
     )
     return created
+
+
+def compensation_spec(
+    task: Task,
+    action: dict[str, Any],
+    ctx: dict[str, Any],
+    *,
+    workflow_run_id: Any = None,
+    priority: int = 0,
+) -> task_services.TaskSpec:
+    """The COMPENSATION task that undoes ``task`` with ``action`` ({type, payload,
+    max_retries?}), its ``$ref`` values resolved over ``ctx``; ``parent`` = the undone task."""
+    max_retries = action.get("max_retries")
+    return task_services.TaskSpec(
+        type=coordinator.COMPENSATION_TYPE,
+        payload={
+            "compensates": str(task.id),
+            "action": {
+                "type": action["type"],
+                "payload": coordinator.resolve(action.get("payload", {}), ctx),
+            },
+        },
+        max_retries=max_retries if max_retries is not None else settings.QW_DEFAULT_MAX_RETRIES,
+        priority=priority,
+        timeout_s=settings.QW_DEFAULT_TIMEOUT_S,
+        parent_id=task.id,
+        workflow_run_id=workflow_run_id,
+        step=task.step if workflow_run_id is not None else None,
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Max
@@ -14,7 +13,7 @@ from jsonschema.exceptions import SchemaError
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
 from tasks_app.models import Task, TaskStatus
-from workflows_app import coordinator
+from workflows_app import compensation, coordinator
 from workflows_app import definition as definitions
 from workflows_app.models import (
     FINISHED_RUN_STATUSES,
@@ -140,15 +139,9 @@ def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:
         raise InvalidTransition({"detail": f"Workflow '{workflow.name}' is inactive."})
     version = workflow.versions.order_by("-version").first()
     assert version is not None  # every workflow is created with version 1
-    if version.input_schema:
-        problems = sorted(
-            Draft202012Validator(version.input_schema).iter_errors(input),
-            key=lambda e: list(e.absolute_path),
-        )
-        if problems:
-            raise InvalidInput(
-                {"input": [f"{_path(e.absolute_path)}{e.message}" for e in problems]}
-            )
+    problems = run_input_problems(version, input)
+    if problems:
+        raise InvalidInput({"input": problems})
     graph = coordinator.graph_for_version(version)
     with transaction.atomic():
         run = WorkflowRun.objects.create(
@@ -157,6 +150,17 @@ def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:
         run.owner = owner
         coordinator.start_steps(run, graph, [graph.start], coordinator.context(run, []))
     return run
+
+
+def run_input_problems(version: WorkflowVersion, input: Any) -> list[str]:
+    """What is wrong with ``input`` for this version's input schema (empty when it fits)."""
+    if not version.input_schema:
+        return []
+    problems = sorted(
+        Draft202012Validator(version.input_schema).iter_errors(input),
+        key=lambda e: list(e.absolute_path),
+    )
+    return [f"{_path(e.absolute_path)}{e.message}" for e in problems]
 
 
 def _path(parts: Any) -> str:
@@ -224,34 +228,12 @@ def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None
                 {"action": ["Give {type, payload}: this task's step declares no compensation."]}
             )
         ctx = coordinator.context(run, list(run.tasks.all())) if run else {"input": {}, "steps": {}}
-        payload = {
-            "compensates": str(locked.id),
-            "action": {
-                "type": spec["type"],
-                "payload": coordinator.resolve(spec.get("payload", {}), ctx),
-            },
-        }
-        problems = registry_validate("COMPENSATION", payload)
+        # Outside a failed run's saga: not one of the run's steps (no workflow_run).
+        undo = compensation.compensation_spec(locked, spec, ctx, priority=locked.priority)
+        problems = registry_validate("COMPENSATION", undo.payload)
         if problems:
             raise InvalidInput({"action": problems})
-        max_retries = spec.get("max_retries")
-        (created,) = task_services.task_bulk_create(
-            owner=locked.owner,
-            specs=[
-                task_services.TaskSpec(
-                    type=coordinator.COMPENSATION_TYPE,
-                    payload=payload,
-                    max_retries=max_retries
-                    if max_retries is not None
-                    else settings.QW_DEFAULT_MAX_RETRIES,
-                    priority=locked.priority,
-                    timeout_s=settings.QW_DEFAULT_TIMEOUT_S,
-                    parent_id=locked.id,
-                    # Outside a failed run: not one of the run's saga steps (no workflow_run).
-                )
-            ],
-            by=by,
-        )
+        (created,) = task_services.task_bulk_create(owner=locked.owner, specs=[undo], by=by)
     return created
 
 
