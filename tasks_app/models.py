@@ -70,6 +70,13 @@ class Task(models.Model):
         related_name="tasks",
     )
     step = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001  # DESIGN §3
+    schedule = models.ForeignKey(
+        "workflows_app.Schedule",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="tasks",
+    )
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
     )

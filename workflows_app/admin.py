@@ -5,13 +5,14 @@ import json
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
 from queueworker.errors import InvalidTransition
 from tasks_app.models import Task
 from workflows_app import coordinator, graph, selectors, services
-from workflows_app.models import Workflow, WorkflowRun, WorkflowVersion
+from workflows_app.models import Schedule, Workflow, WorkflowRun, WorkflowVersion
 
 RESULT_EXCERPT_CHARS = 200
 
@@ -203,3 +204,26 @@ class WorkflowRunAdmin(admin.ModelAdmin):
                 refused += 1
         level = messages.SUCCESS if not refused else messages.WARNING
         self.message_user(request, f"Retried: {done}; refused (not FAILED): {refused}.", level)
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(admin.ModelAdmin):
+    """The schedule's target and overlap; its timing is edited on the PeriodicTask page."""
+
+    list_display = ("name", "owner", "overlap", "timing", "enabled", "created_at")
+    search_fields = ("name", "=id")
+    list_select_related = ("owner", "periodic_task")
+    fields = ("id", "name", "owner", "target", "overlap", "timezone", "timing", "created_at")
+    readonly_fields = ("id", "owner", "timezone", "timing", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # targets are validated by the API on write
+
+    @admin.display(description="timing")
+    def timing(self, obj: Schedule) -> SafeString:
+        url = reverse("admin:django_celery_beat_periodictask_change", args=[obj.periodic_task_id])
+        return format_html('<a href="{}">{}</a>', url, obj.periodic_task)
+
+    @admin.display(boolean=True, description="enabled")
+    def enabled(self, obj: Schedule) -> bool:
+        return bool(obj.periodic_task.enabled)

@@ -10,6 +10,7 @@ from tasks_app.api.queues import (
     QueuePurgeView,
 )
 from tasks_app.api.views import TaskViewSet
+from workflows_app.api.schedules import ScheduleViewSet
 from workflows_app.api.views import WorkflowRunViewSet, WorkflowViewSet
 
 router = DefaultRouter(trailing_slash=True)
@@ -21,6 +22,7 @@ router.register(
 router.register("queues/dead-letter", DeadLetterViewSet, basename="dead-letter")
 router.register("workflows", WorkflowViewSet, basename="workflow")
 router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
+router.register("schedules", ScheduleViewSet, basename="schedule")
 
 urlpatterns = [
     path("queues/", QueueListView.as_view(), name="queue-list"),

@@ -40,12 +40,21 @@ class TaskFilter(django_filters.FilterSet):
     type = django_filters.CharFilter()
     parent = django_filters.UUIDFilter(field_name="parent_id")
     workflow_run = django_filters.UUIDFilter(field_name="workflow_run_id")
+    schedule = django_filters.UUIDFilter(field_name="schedule_id")
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Task
-        fields = ["status", "type", "parent", "workflow_run", "created_after", "created_before"]
+        fields = [
+            "status",
+            "type",
+            "parent",
+            "workflow_run",
+            "schedule",
+            "created_after",
+            "created_before",
+        ]
 
 
 class CompensateInput(StrictSerializer):

@@ -115,13 +115,14 @@ class WorkflowViewSet(viewsets.GenericViewSet):
 
 class RunFilter(django_filters.FilterSet):
     workflow = django_filters.UUIDFilter(field_name="workflow_id")
+    schedule = django_filters.UUIDFilter(field_name="schedule_id")
     status = django_filters.MultipleChoiceFilter(choices=RunStatus.choices)
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = WorkflowRun
-        fields = ["workflow", "status", "created_after", "created_before"]
+        fields = ["workflow", "schedule", "status", "created_after", "created_before"]
 
 
 class WorkflowRunViewSet(viewsets.GenericViewSet):
