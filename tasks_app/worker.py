@@ -22,7 +22,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 
 from queueworker import logcontext
 from tasks_app import dispatch, state
@@ -102,6 +102,10 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         return _finish_failed(task, str(exc), retryable=True, retry_after=exc.retry_after)
     except PermanentError as exc:
         return _finish_failed(task, str(exc), retryable=False)
+    except (OperationalError, InterfaceError) as exc:
+        # The database went away under the handler (a restart): transient, so a retry; if it
+        # is still away, recording this raises and the message is retried instead.
+        return _finish_failed(task, f"database unavailable: {exc}", retryable=True)
     except Exception as exc:
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
         logger.exception("handler %s raised", task.type)

@@ -433,3 +433,17 @@ def test_noop_fail_times_retries_then_completes(published):
     assert (row.status, row.attempt, row.retries) == (S.COMPLETED, 2, 1)
     assert row.result["attempt"] == 2
     assert [w.countdown for [w] in published] == [30.0]
+
+
+def test_database_error_under_the_handler_is_a_retry_not_a_bug(handler_type, published):
+    from django.db import OperationalError
+
+    task = make_task(
+        type=handler_type(_raises(OperationalError("server closed the connection"))), max_retries=2
+    )
+
+    outcome = _run(task)
+
+    assert outcome.status == "retrying"
+    row = Task.objects.get(id=task.id)
+    assert row.status == S.RETRYING and "database unavailable" in row.error
