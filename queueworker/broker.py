@@ -22,7 +22,7 @@ from queueworker import messaging
 from queueworker.celery import app
 
 TIMEOUT_S = 1.0
-CONNECT_TIMEOUT_S = 1  # kombu's ensure_connection takes whole seconds
+CONNECT_TIMEOUT_S = 1  # kombu's ensure_connection takes whole seconds (purge)
 CACHE_S = 5.0
 
 
@@ -85,10 +85,17 @@ def _from_management(name: str) -> QueueStats:
 
 
 def _from_declare(names: list[str]) -> list[QueueStats]:
+    """A passive ``queue_declare`` per queue on a fresh connection, one connect attempt, with
+    socket timeouts: a broker that accepts but never answers cannot hang the caller."""
+    options: dict[str, Any] = {}
+    if not settings.IS_EMBEDDED_BROKER:
+        options = {"read_timeout": TIMEOUT_S, "write_timeout": TIMEOUT_S}
     stats: list[QueueStats] = []
     try:
-        with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=CONNECT_TIMEOUT_S)
+        with app.connection_for_read(
+            connect_timeout=TIMEOUT_S, heartbeat=0, transport_options=options
+        ) as conn:
+            conn.ensure_connection(max_retries=0)  # one attempt, bounded by connect_timeout
             for name in names:
                 channel: Any = conn.channel()
                 try:
@@ -96,15 +103,19 @@ def _from_declare(names: list[str]) -> list[QueueStats]:
                     if settings.IS_EMBEDDED_BROKER:
                         consumers = None  # a file-based transport does not know its consumers
                     stats.append(QueueStats(name, messages, None, consumers))
-                except Exception as exc:  # a queue nobody declared yet closes the channel
+                except conn.channel_errors as exc:  # a queue nobody declared yet: a 404
                     stats.append(QueueStats(name, 0, None, 0, f"not declared yet ({exc})"))
                 finally:
                     with suppress(Exception):  # already closed by the broker after a 404
                         channel.close()
-    except Exception as exc:  # unreachable broker: every figure unknown, said once each
+    except Exception as exc:  # unreachable, refused, timed out: every figure unknown
         detail = f"broker unreachable: {type(exc).__name__}: {exc}"
         return [QueueStats(name, None, None, None, detail) for name in names]
     return stats
+
+
+def reachable(stats: list[QueueStats]) -> bool:
+    return any(s.messages is not None for s in stats)
 
 
 _cache: dict[str, tuple[float, QueueStats]] = {}

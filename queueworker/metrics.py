@@ -8,17 +8,15 @@ the sum of ``retries``). A task sent back to PENDING by a retry or a redrive lea
 has its ``retries`` reset, so ``failed_total`` and ``retried_total`` may dip: ``rate()`` reads a
 dip as a counter reset (see README "Metrics").
 
-The broker is asked with a passive ``queue_declare`` per declared queue on a short-lived
-connection bounded by ``BROKER_TIMEOUT_S``; when it cannot be reached the scrape still answers,
-with ``queueworker_broker_up 0`` and no queue gauges.
+The broker is read through ``queueworker.broker.queue_stats`` (bounded in time); when it
+cannot be reached the scrape still answers, with ``queueworker_broker_up 0`` and no queue
+gauges.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from contextlib import suppress
-from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -32,15 +30,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
-from queueworker import messaging
-from queueworker.celery import app
+from queueworker import broker
 from tasks_app import metrics as aggregates
 from tasks_app.handlers import registry as handlers
 from tasks_app.models import DeadLetterMessage, Task
 from workflows_app.models import WorkflowRun
 
 PREFIX = "queueworker"
-BROKER_TIMEOUT_S = 1.0
 
 # queueworker_tasks_<name>_total -> its help
 _TASK_COUNTERS = {
@@ -52,49 +48,8 @@ _TASK_COUNTERS = {
 }
 
 
-def declared_queues() -> list[str]:
-    """The work queues of the configuration and the dead-letter queue."""
-    return [queue.name for queue in settings.CELERY_TASK_QUEUES] + [messaging.DEAD_LETTER_QUEUE]
-
-
-def probe_queues(
-    names: list[str], timeout_s: float = BROKER_TIMEOUT_S
-) -> dict[str, tuple[int, int]] | None:
-    """``{queue: (ready messages, consumers)}`` from a passive ``queue_declare`` on a fresh
-    connection; None when the broker cannot be reached within ``timeout_s``.
-
-    A queue nobody declared yet is left out (the broker closes the channel: 404).
-    """
-    options: dict[str, Any] = {}
-    if not settings.IS_EMBEDDED_BROKER:
-        # py-amqp's socket timeouts: a broker that accepts but never answers cannot hang us.
-        options = {"read_timeout": timeout_s, "write_timeout": timeout_s}
-    found: dict[str, tuple[int, int]] = {}
-    try:
-        with app.connection_for_read(
-            connect_timeout=timeout_s, heartbeat=0, transport_options=options
-        ) as conn:
-            conn.ensure_connection(max_retries=0)  # one attempt, bounded by connect_timeout
-            for name in names:
-                channel: Any = conn.channel()
-                try:
-                    _, messages, consumers = channel.queue_declare(queue=name, passive=True)
-                    found[name] = (messages, consumers)
-                except conn.channel_errors:
-                    pass  # not declared yet
-                finally:
-                    with suppress(Exception):  # already closed by the broker after a 404
-                        channel.close()
-    except Exception:  # unreachable, refused, timed out: the scrape answers without the broker
-        return None
-    return found
-
-
 class QueueWorkerCollector:
     """Reads every figure at ``collect()`` time: six grouped database queries and the broker."""
-
-    def __init__(self, *, broker_timeout_s: float = BROKER_TIMEOUT_S) -> None:
-        self.broker_timeout_s = broker_timeout_s
 
     def describe(self) -> list[Metric]:
         return []  # registering must not query anything
@@ -187,12 +142,11 @@ class QueueWorkerCollector:
         return family
 
     def _broker_families(self) -> Iterator[Metric]:
-        names = declared_queues()
-        stats = probe_queues(names, self.broker_timeout_s)
+        stats = broker.queue_stats()
         up = GaugeMetricFamily(f"{PREFIX}_broker_up", "1 if the broker answered this scrape.")
-        up.add_metric([], 0 if stats is None else 1)
+        up.add_metric([], 1 if broker.reachable(stats) else 0)
         yield up
-        if stats is None:
+        if not broker.reachable(stats):
             return
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_messages", "Messages ready in a declared queue.", labels=["queue"]
@@ -200,12 +154,13 @@ class QueueWorkerCollector:
         consumers = GaugeMetricFamily(
             f"{PREFIX}_queue_consumers", "Consumers of a declared queue.", labels=["queue"]
         )
-        for name in names:
-            if name in stats:
-                depth.add_metric([name], stats[name][0])
-                consumers.add_metric([name], stats[name][1])
+        for queue in stats:
+            if queue.messages is not None:
+                depth.add_metric([queue.name], queue.messages)
+            if queue.consumers is not None:  # unknown on the embedded file-based transport
+                consumers.add_metric([queue.name], queue.consumers)
         yield depth
-        if not settings.IS_EMBEDDED_BROKER:  # kombu's filesystem transport knows no consumers
+        if not settings.IS_EMBEDDED_BROKER:
             yield consumers
 
 

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import json
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from queueworker.errors import InvalidTransition
+from queueworker.admin_actions import apply_each, outcome_level
 from queueworker.redaction import redact
 from tasks_app import selectors, services
 from tasks_app.models import DeadLetterMessage, Task, TaskLog
@@ -128,27 +128,18 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected tasks", permissions=["change"])
     def cancel_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
-        done, refused = 0, 0
-        for task in queryset:
-            try:
-                services.task_cancel(task=task, by=request.user.get_username())
-                done += 1
-            except InvalidTransition:
-                refused += 1
+        by = request.user.get_username()
+        done, refused = apply_each(queryset, lambda task: services.task_cancel(task=task, by=by))
         self.message_user(request, f"Cancelled or cancel requested: {done}; refused: {refused}.")
 
     @admin.action(description="Retry selected tasks (FAILED or CANCELLED)", permissions=["change"])
     def retry_tasks(self, request: HttpRequest, queryset: QuerySet[Task]) -> None:
-        done, refused = 0, 0
-        for task in queryset:
-            try:
-                services.task_retry(task=task, by=request.user.get_username())
-                done += 1
-            except InvalidTransition:
-                refused += 1
-        level = messages.SUCCESS if not refused else messages.WARNING
+        by = request.user.get_username()
+        done, refused = apply_each(queryset, lambda task: services.task_retry(task=task, by=by))
         self.message_user(
-            request, f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.", level
+            request,
+            f"Retried: {done}; refused (not FAILED/CANCELLED): {refused}.",
+            outcome_level(refused),
         )
 
     @admin.action(description="Redrive selected dead letters (FAILED)", permissions=["change"])
@@ -156,8 +147,9 @@ class TaskAdmin(admin.ModelAdmin):
         failed = list(queryset.filter(status="FAILED"))
         done = services.dead_letter_redrive(tasks=failed, by=request.user.get_username())
         refused = queryset.count() - len(done)
-        level = messages.SUCCESS if not refused else messages.WARNING
-        self.message_user(request, f"Redriven: {len(done)}; not FAILED: {refused}.", level)
+        self.message_user(
+            request, f"Redriven: {len(done)}; not FAILED: {refused}.", outcome_level(refused)
+        )
 
 
 @admin.register(TaskLog)

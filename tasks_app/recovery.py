@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -70,12 +69,6 @@ def _dispatch_batch(now: datetime, batch: int) -> int:
     return len(due)
 
 
-@dataclass(frozen=True)
-class SweepResult:
-    expired: int
-    dispatched: int
-
-
 def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
     now = now or timezone.now()
     expired = list(
@@ -110,8 +103,3 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
     if count:
         logger.warning("%d tasks lost their worker (lease expired)", count)
     return count
-
-
-def recovery_sweep(*, now: datetime | None = None) -> SweepResult:
-    expired = expire_leases(now=now)
-    return SweepResult(expired=expired, dispatched=dispatch_due(now=now))

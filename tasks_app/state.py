@@ -22,7 +22,6 @@ from django.db import connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from queueworker.errors import InvalidTransition
 from tasks_app.models import LogLevel, Task, TaskLog, TaskStatus
 from tasks_app.transitions import TRANSITIONS, Transition
 
@@ -476,7 +475,3 @@ def expire_lease(
         log=LogEntry(level=LogLevel.ERROR, message=error, data={"failure_class": "worker_lost"}),
         now=now,
     )
-
-
-def refuse(task: Task, action: str) -> InvalidTransition:
-    return InvalidTransition({"detail": f"Cannot {action} a task that is {task.status}."})

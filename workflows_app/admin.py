@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import json
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
-from queueworker.errors import InvalidTransition
+from queueworker.admin_actions import apply_each, outcome_level
 from tasks_app.models import Task
 from workflows_app import coordinator, graph, selectors, services
 from workflows_app.models import Schedule, Workflow, WorkflowRun, WorkflowVersion
@@ -181,29 +181,21 @@ class WorkflowRunAdmin(admin.ModelAdmin):
         description="Cancel selected runs (compensates completed steps)", permissions=["change"]
     )
     def cancel_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
-        done, refused = 0, 0
-        for run in queryset:
-            try:
-                services.run_cancel(run=run, by=request.user.get_username())
-                done += 1
-            except InvalidTransition:
-                refused += 1
-        level = messages.SUCCESS if not refused else messages.WARNING
+        by = request.user.get_username()
+        done, refused = apply_each(queryset, lambda run: services.run_cancel(run=run, by=by))
         self.message_user(
-            request, f"Cancelled: {done}; refused (already finished): {refused}.", level
+            request,
+            f"Cancelled: {done}; refused (already finished): {refused}.",
+            outcome_level(refused),
         )
 
     @admin.action(description="Retry selected runs (FAILED)", permissions=["change"])
     def retry_runs(self, request: HttpRequest, queryset: QuerySet[WorkflowRun]) -> None:
-        done, refused = 0, 0
-        for run in queryset:
-            try:
-                services.run_retry(run=run, by=request.user.get_username())
-                done += 1
-            except InvalidTransition:
-                refused += 1
-        level = messages.SUCCESS if not refused else messages.WARNING
-        self.message_user(request, f"Retried: {done}; refused (not FAILED): {refused}.", level)
+        by = request.user.get_username()
+        done, refused = apply_each(queryset, lambda run: services.run_retry(run=run, by=by))
+        self.message_user(
+            request, f"Retried: {done}; refused (not FAILED): {refused}.", outcome_level(refused)
+        )
 
 
 @admin.register(Schedule)

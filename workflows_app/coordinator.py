@@ -27,7 +27,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks_app import services as task_services
-from tasks_app.models import TERMINAL_STATUSES, Task, TaskLog, TaskStatus
+from tasks_app.models import Task, TaskLog, TaskStatus
 from workflows_app import compensation
 from workflows_app import definition as definitions
 from workflows_app.models import FINISHED_RUN_STATUSES, RunStatus, WorkflowRun, WorkflowVersion
@@ -199,7 +199,3 @@ def finish(run: WorkflowRun, status: str, error: str | None = None) -> None:
         fields.append("error")
     run.save(update_fields=fields)
     logger.info("workflow run %s %s", run.id, status, extra={"workflow_run_id": str(run.id)})
-
-
-def unfinished(tasks: list[Task]) -> list[Task]:
-    return [t for t in tasks if t.status not in TERMINAL_STATUSES]
