@@ -1,0 +1,70 @@
+"""The DATA_PROCESSING engine: pure data pipelines on Polars (no Django, no database, no Celery).
+
+The plumbing reads a source into frames, runs a ``Plan`` over batches (in parallel processes)
+and merges the batch results; this package does everything between bytes in and rows out.
+
+Typing rules (a column has one type over the whole input, never per batch):
+
+* CSV: every field is a string exactly as in the file; no type inference (it would depend on
+  which batch a row lands in). An empty field is ``""``, not null. Use ``cast`` for numbers,
+  booleans and dates; for JSON Schema a CSV value is a string (``"42"`` is not an integer),
+  and every header column is present in every row.
+* JSON, JSON Lines and inline records: a field's type is decided over the whole input
+  (``SchemaBuilder`` streams it once; ``frame_from_records`` builds every batch with that
+  schema): ints → Int64; ints and floats → Float64; bools → Boolean; strings → String;
+  objects → Struct and arrays → List (typed the same way inside); values of mixed JSON kinds →
+  String holding their text (``1``, ``true``, ``{"a":1}``), as Polars' own supertype would.
+  A key missing from a record is null, and the engine remembers that it was missing, because
+  JSON Schema's ``required`` tells a missing key from an explicit null.
+* Outputs are strict JSON: dates ``YYYY-MM-DD``, datetimes ISO 8601, NaN and ±inf → null.
+
+Public interface::
+
+    DataError                                     # message names operations[i]…
+    Schema, SchemaBuilder, infer_schema(rows), frame_from_records(rows, schema=None)
+    iter_csv_frames(file_or_path, batch_size), iter_json_records(binary_file, "json"|"jsonl")
+    write_rows(frame, binary_file, "jsonl"|"csv"|"json"), RowWriter, to_records(frame)
+    Plan.from_operations(operations) → plan.run_batch(frame, first_row=…) → BatchResult
+    BatchResult.write(binary_file) / BatchResult.read(binary_file)
+    plan.merge(parts, batches=…, output=None, output_format="jsonl", invalid_output=None)
+        → MergeResult(frame, stats, invalid_samples, invalid_frame), .as_result()
+    run_single(operations, frame)                 # one batch + merge: the reference
+    PAYLOAD_SCHEMA, payload_problems(payload), operations_problems(operations)
+
+Each operation's semantics are in its module: ``schema_check`` (validate), ``rowwise``
+(clean, rename, select, rejections), ``cast``, ``filtering``, ``global_ops`` (dedupe, sort,
+aggregate, limit); ``plan`` splits a pipeline between batches and the merge.
+"""
+
+from __future__ import annotations
+
+from tasks_app.data.core import DataError
+from tasks_app.data.payload import PAYLOAD_SCHEMA, operations_problems, payload_problems
+from tasks_app.data.plan import Plan, run_single
+from tasks_app.data.readers import iter_csv_frames, iter_json_records
+from tasks_app.data.results import BatchResult, MergeResult
+from tasks_app.data.rowwise import invalid_rows
+from tasks_app.data.schema import Schema, SchemaBuilder, frame_from_records, infer_schema
+from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
+
+__all__ = [
+    "PAYLOAD_SCHEMA",
+    "BatchResult",
+    "DataError",
+    "MergeResult",
+    "Plan",
+    "RowWriter",
+    "Schema",
+    "SchemaBuilder",
+    "frame_from_records",
+    "infer_schema",
+    "invalid_rows",
+    "iter_csv_frames",
+    "iter_json_records",
+    "json_ready",
+    "operations_problems",
+    "payload_problems",
+    "run_single",
+    "to_records",
+    "write_rows",
+]
