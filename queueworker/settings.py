@@ -35,6 +35,15 @@ CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 # every request: https for request.is_secure(), CSRF checks and absolute URLs (pagination links).
 if env.bool("DJANGO_TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# HTTPS, where the site is served over TLS (`check --deploy` wants each of these on). Off by
+# default, so that `make run` answers on http://127.0.0.1; the prod overlay turns them on.
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Probes and Prometheus speak plain HTTP to the process itself, inside the pod or host.
+SECURE_REDIRECT_EXEMPT = [r"^api/health/", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -280,7 +289,8 @@ REST_FRAMEWORK: dict[str, Any] = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "queueworker.api.exception_handler",
-    "DEFAULT_THROTTLE_RATES": {"create": QW_THROTTLE_CREATE},
+    "DEFAULT_METADATA_CLASS": "queueworker.api.SchemaMetadata",
+    # QW_THROTTLE_CREATE is read by queueworker.api.CreateThrottle itself, at each request.
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 

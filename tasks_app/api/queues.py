@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import amqp.exceptions
 import django_filters
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -17,7 +18,7 @@ from rest_framework.views import APIView
 
 from queueworker import broker
 from tasks_app import selectors, services
-from tasks_app.api.serializers import StrictSerializer, TaskOutput
+from tasks_app.api.serializers import BoundedListField, StrictSerializer, TaskOutput
 from tasks_app.models import DeadLetterMessage, FailureClass, Task
 
 
@@ -32,15 +33,17 @@ class DeadLetterFilter(django_filters.FilterSet):
 
 
 class RedriveFilterInput(StrictSerializer):
-    failure_class = serializers.ListField(
-        child=serializers.ChoiceField(choices=FailureClass.choices), required=False
+    failure_class = BoundedListField(
+        child=serializers.ChoiceField(choices=FailureClass.choices),
+        required=False,
+        max_length=len(FailureClass.choices),
     )
     type = serializers.CharField(required=False)
     failed_after = serializers.DateTimeField(required=False)
 
 
 class RedriveInput(StrictSerializer):
-    task_ids = serializers.ListField(
+    task_ids = BoundedListField(
         child=serializers.UUIDField(), required=False, allow_empty=False, max_length=10_000
     )
     filter = RedriveFilterInput(
@@ -66,7 +69,8 @@ class RedriveOutput(serializers.Serializer):
 
 
 class DeadLetterViewSet(viewsets.GenericViewSet):
-    """Tasks that failed for good, with their ``failure_class``; redrive sends them back."""
+    """Tasks that failed for good, with their ``failure_class`` (each user their own; staff all);
+    redrive (staff only) sends them back."""
 
     filterset_class = DeadLetterFilter
     ordering_fields = ["finished_at"]
@@ -80,8 +84,11 @@ class DeadLetterViewSet(viewsets.GenericViewSet):
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         return self.get_paginated_response(TaskOutput(page, many=True).data)
 
-    @extend_schema(request=RedriveInput, responses={202: RedriveOutput})
-    @action(detail=False, methods=["post"], filter_backends=[])
+    @extend_schema(
+        request=RedriveInput,
+        responses={202: RedriveOutput, 403: OpenApiResponse(description="Not staff.")},
+    )
+    @action(detail=False, methods=["post"], filter_backends=[], permission_classes=[IsAdminUser])
     def redrive(self, request: Request) -> Response:
         body = RedriveInput(data=request.data)
         body.is_valid(raise_exception=True)
@@ -162,7 +169,11 @@ class QueuePurgeView(APIView):
         body.is_valid(raise_exception=True)
         if body.validated_data["confirm"] != name:
             raise serializers.ValidationError({"confirm": [f"Must be '{name}'."]})
-        return Response({"purged": broker.purge(name)})
+        try:
+            purged = broker.purge(name)
+        except amqp.exceptions.NotFound:
+            purged = 0  # declared here, but no worker has declared it on the broker yet
+        return Response({"purged": purged})
 
 
 class DeadLetterMessageOutput(serializers.ModelSerializer):

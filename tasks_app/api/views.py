@@ -10,10 +10,11 @@ from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 
+from queueworker.api import CreateThrottle
 from tasks_app import selectors, services
 from tasks_app.api.serializers import (
+    NoInput,
     StrictSerializer,
     TaskBulkCreateInput,
     TaskBulkCreateOutput,
@@ -72,15 +73,6 @@ class CompensateInput(StrictSerializer):
         return value
 
 
-class CreateThrottle(ScopedRateThrottle):
-    """``QW_THROTTLE_CREATE`` for task creation; a bulk call counts once. Off when unset."""
-
-    def allow_request(self, request: Request, view: Any) -> bool:
-        if getattr(view, "action", None) not in ("create", "bulk"):
-            return True
-        return super().allow_request(request, view)
-
-
 class TaskViewSet(viewsets.GenericViewSet):
     """Tasks: create, list, inspect, cancel, retry. Every action is scoped to its caller."""
 
@@ -89,6 +81,7 @@ class TaskViewSet(viewsets.GenericViewSet):
     ordering = ["-created_at"]
     throttle_classes = [CreateThrottle]
     throttle_scope = "create"
+    throttled_actions = ("create", "bulk")
     lookup_value_converter = "uuid"
 
     def get_queryset(self) -> QuerySet[Task]:
@@ -155,6 +148,7 @@ class TaskViewSet(viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["post"], filter_backends=[])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
+        NoInput(data=request.data).is_valid(raise_exception=True)
         result = services.task_cancel(task=self.get_object(), by=self._by())
         return Response(
             TaskDetailOutput(result.task).data,
@@ -195,6 +189,7 @@ class TaskViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """FAILED or CANCELLED → PENDING; retries start again from 0."""
+        NoInput(data=request.data).is_valid(raise_exception=True)
         task = services.task_retry(task=self.get_object(), by=self._by())
         return Response(TaskDetailOutput(task).data, status=status.HTTP_202_ACCEPTED)
 

@@ -67,12 +67,15 @@ def test_queue_figures_move_as_tasks_are_published_and_consumed(api, spawn):
     }
 
 
-def test_redrive_takes_a_dead_lettered_task_back_to_completed(api, worker):
+def test_redrive_takes_a_dead_lettered_task_back_to_completed(api, worker, staff_user, client_for):
     body = {"type": "NOOP", "payload": {"fail_times": 2}, "max_retries": 1, "retry_backoff_s": 0.1}
     task_id = api.post("/api/tasks/", body, format="json").json()["id"]
     wait_for(lambda: Task.objects.get(pk=task_id).status == TaskStatus.FAILED)
 
-    response = api.post("/api/queues/dead-letter/redrive/", {"task_ids": [task_id]}, format="json")
+    staff = client_for(staff_user)  # redrive is staff-only
+    response = staff.post(
+        "/api/queues/dead-letter/redrive/", {"task_ids": [task_id]}, format="json"
+    )
 
     assert response.status_code == 202
     wait_for(lambda: Task.objects.get(pk=task_id).status == TaskStatus.COMPLETED)

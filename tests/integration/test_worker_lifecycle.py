@@ -58,7 +58,9 @@ def test_task_failing_twice_then_succeeding_retries_with_growing_gaps(api, worke
     assert task["retries"] == 2 and task["attempt"] == 3 and task["error"] == ""
 
 
-def test_task_failing_for_good_ends_failed_in_the_dead_letter_queue(api, worker):
+def test_task_failing_for_good_ends_failed_in_the_dead_letter_queue(
+    api, worker, staff_user, client_for
+):
     retryable = api.post(
         "/api/tasks/",
         {"type": "NOOP", "payload": {"fail_times": 5}, "max_retries": 1, "retry_backoff_s": 0.1},
@@ -80,8 +82,8 @@ def test_task_failing_for_good_ends_failed_in_the_dead_letter_queue(api, worker)
     # a permanent failure is not retried at all
     assert [log.event for log in _logs(permanent)] == ["created", "started", "failed"]
 
-    # and a redrive sends it back through the worker
-    response = api.post(
+    # and a redrive (staff only) sends it back through the worker
+    response = client_for(staff_user).post(
         "/api/queues/dead-letter/redrive/", {"task_ids": [retryable]}, format="json"
     )
     assert response.status_code == 202 and response.json() == {"redriven": 1}

@@ -58,7 +58,8 @@ def test_purge_is_staff_only_confirmed_and_limited_to_declared_queues(
     assert purged == ["task.created"]
 
 
-def test_redrive_by_filter_takes_only_the_matching_dead_letters(api, user):
+def test_redrive_by_filter_takes_only_the_matching_dead_letters(user, staff_user, client_for):
+    api = client_for(staff_user)  # redrive is staff-only
     lost = _dead(user, failure_class="worker_lost")
     other_type = _dead(user, failure_class="worker_lost", type="OTHER")
     exhausted = _dead(user, failure_class="retries_exhausted")
@@ -78,8 +79,13 @@ def test_redrive_by_filter_takes_only_the_matching_dead_letters(api, user):
 @pytest.mark.parametrize(
     "body", [{}, {"all": True, "task_ids": ["x"]}, {"filter": {"failure_class": ["nope"]}}]
 )
-def test_redrive_refuses_ambiguous_or_bad_selections(api, body):
-    assert api.post("/api/queues/dead-letter/redrive/", body, format="json").status_code == 400
+def test_redrive_refuses_ambiguous_or_bad_selections(staff_user, client_for, body):
+    assert (
+        client_for(staff_user)
+        .post("/api/queues/dead-letter/redrive/", body, format="json")
+        .status_code
+        == 400
+    )
 
 
 def test_admin_redrive_action_requeues_failed_tasks_only(client, staff_user):

@@ -17,7 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from tasks_app.api.serializers import StrictSerializer, TaskCreateInput
+from tasks_app.api.serializers import NoInput, StrictSerializer, TaskCreateInput
 from workflows_app import cron, schedules, selectors
 from workflows_app import services as workflow_services
 from workflows_app.models import Overlap, Schedule
@@ -258,6 +258,7 @@ class ScheduleViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def trigger(self, request: Request, pk: str | None = None) -> Response:
         """Fire now (a manual fire: no slot dedupe, no overlap rule)."""
+        NoInput(data=request.data).is_valid(raise_exception=True)
         fire = schedules.schedule_fire(self.get_object(), timezone.now(), manual=True)
         assert fire is not None
         return Response(

@@ -11,6 +11,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from queueworker.api import CreateThrottle
+from tasks_app.api.serializers import NoInput
 from workflows_app import selectors, services
 from workflows_app.api.serializers import (
     RunDetailOutput,
@@ -39,6 +41,9 @@ class WorkflowViewSet(viewsets.GenericViewSet):
     filterset_class = WorkflowFilter
     ordering_fields = ["created_at", "name"]
     ordering = ["-created_at"]
+    throttle_classes = [CreateThrottle]
+    throttle_scope = "create"  # shared with task creation (QW_THROTTLE_CREATE)
+    throttled_actions = ("runs",)
     lookup_value_converter = "uuid"
 
     def get_queryset(self) -> QuerySet[Workflow]:
@@ -152,6 +157,7 @@ class WorkflowRunViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         """Stop the run, compensate what completed, end CANCELLED."""
+        NoInput(data=request.data).is_valid(raise_exception=True)
         run = services.run_cancel(run=self.get_object(), by=request.user.get_username())
         return Response(RunDetailOutput(run).data, status=status.HTTP_202_ACCEPTED)
 
@@ -162,5 +168,6 @@ class WorkflowRunViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """A FAILED run: re-run the failed compensation, or resume from the failed step."""
+        NoInput(data=request.data).is_valid(raise_exception=True)
         run = services.run_retry(run=self.get_object(), by=request.user.get_username())
         return Response(RunDetailOutput(run).data, status=status.HTTP_202_ACCEPTED)
