@@ -8,12 +8,13 @@ A ``<NAME>_FILE`` variable, when set, is read instead of ``<NAME>`` (for mounted
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -105,6 +106,19 @@ class Env:
         if value not in choices:
             raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
+
+    def json(self, name: builtins.str, default: dict[builtins.str, Any]) -> dict[builtins.str, Any]:
+        """A JSON object (e.g. a storage backend's options)."""
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            return dict(default)
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name} must be a JSON object: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ImproperlyConfigured(f"{name} must be a JSON object, got {value!r}")
+        return parsed
 
     def rate(self, name: builtins.str, default: builtins.str | None) -> builtins.str | None:
         value = self.raw(name)

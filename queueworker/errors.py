@@ -31,3 +31,9 @@ class Conflict(DomainError):
     """The request conflicts with an earlier one (an idempotency key reused with another body)."""
 
     status_code = 409
+
+
+class Gone(DomainError):
+    """The object existed but has expired (a stored result past its TTL): a 410."""
+
+    status_code = 410

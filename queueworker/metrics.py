@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from queueworker import broker
 from tasks_app import metrics as aggregates
-from tasks_app.handlers import registry as handlers
+from tasks_app.handlers.registry import registry as handlers
 from tasks_app.models import DeadLetterMessage, Task
 from workflows_app.models import WorkflowRun
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from tasks_app.handlers import registry
+from tasks_app.handlers.registry import registry
 
 _CREATE_COMPONENTS = ("TaskCreateInputRequest", "BulkItemInputRequest")
 

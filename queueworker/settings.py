@@ -141,9 +141,22 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+# Artifacts (DATA_PROCESSING's large inputs and outputs) go through Django's storage API: a local
+# folder by default; S3 and others by naming a django-storages backend and its options.
+QW_ARTIFACT_ROOT = Path(env.str("QW_ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
+QW_ARTIFACT_TTL_DAYS = env.int("QW_ARTIFACT_TTL_DAYS", 7, minimum=1)
+QW_ARTIFACT_STORAGE = env.str("QW_ARTIFACT_STORAGE", "django.core.files.storage.FileSystemStorage")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "artifacts": {
+        "BACKEND": QW_ARTIFACT_STORAGE,
+        "OPTIONS": (
+            {"location": str(QW_ARTIFACT_ROOT)}
+            if QW_ARTIFACT_STORAGE.endswith("FileSystemStorage")
+            else env.json("QW_ARTIFACT_STORAGE_OPTIONS", {})
+        ),
+    },
 }
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
@@ -166,6 +179,10 @@ QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maxim
 QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
 QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
 QW_WORKER_SYNC_COMMIT = env.bool("QW_WORKER_SYNC_COMMIT", False)
+# DATA_PROCESSING (tasks_app/handlers/data_processing.py).
+QW_DATA_BATCH_SIZE = env.int("QW_DATA_BATCH_SIZE", 100_000, minimum=1, maximum=1_000_000)
+QW_DATA_MAX_SOURCE_BYTES = env.int("QW_DATA_MAX_SOURCE_BYTES", 10 * 1024**3, minimum=1024)
+QW_DATA_INLINE_MAX_BYTES = env.int("QW_DATA_INLINE_MAX_BYTES", 1024 * 1024, minimum=1024)
 QW_QUEUE_OVERLOAD_THRESHOLD = env.int("QW_QUEUE_OVERLOAD_THRESHOLD", 10_000, minimum=1)
 # RabbitMQ's management API (http://user:password@host:15672): the only source of unacked counts.
 QW_RABBITMQ_MANAGEMENT_URL = env.str("QW_RABBITMQ_MANAGEMENT_URL", "")

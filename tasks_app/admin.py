@@ -9,7 +9,7 @@ from django.http import HttpRequest
 from queueworker.admin_actions import apply_each, outcome_level
 from queueworker.redaction import redact
 from tasks_app import selectors, services
-from tasks_app.models import DeadLetterMessage, Task, TaskLog
+from tasks_app.models import Artifact, DataBatch, DataJob, DeadLetterMessage, Task, TaskLog
 
 
 class RedactedLogFields:
@@ -192,4 +192,64 @@ class DeadLetterMessageAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Artifact)
+class ArtifactAdmin(admin.ModelAdmin):
+    """Stored outputs of DATA_PROCESSING tasks; deleting one here leaves its file to expiry."""
+
+    list_display = (
+        "id",
+        "task",
+        "format",
+        "rows",
+        "size_bytes",
+        "owner",
+        "created_at",
+        "expires_at",
+    )
+    list_filter = ("format", "created_at")
+    search_fields = ("=id", "=task__id", "name")
+    list_select_related = ("owner", "task")
+    readonly_fields = (
+        "id",
+        "owner",
+        "task",
+        "name",
+        "format",
+        "content_type",
+        "size_bytes",
+        "rows",
+        "created_at",
+        "expires_at",
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+class DataBatchInline(admin.TabularInline):
+    """A DATA_PROCESSING task's batches while it runs (removed once it has finished)."""
+
+    model = DataBatch
+    extra = 0
+    can_delete = False
+    fields = ("index", "first_row", "rows", "status", "error", "finished_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(DataJob)
+class DataJobAdmin(admin.ModelAdmin):
+    """DATA_PROCESSING tasks in flight: their staged batches and where each one is."""
+
+    list_display = ("task", "batches", "rows_in", "created_at")
+    search_fields = ("=task__id",)
+    readonly_fields = ("task", "batches", "rows_in", "schema", "created_at")
+    inlines = [DataBatchInline]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

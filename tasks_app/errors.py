@@ -21,3 +21,9 @@ class PermanentError(HandlerError):
 
 class TaskCancelled(HandlerError):  # a signal, not a fault
     """Raised by ``TaskContext.check_cancelled`` when a cancel was requested."""
+
+
+class Deferred(HandlerError):  # a signal, not a fault
+    """The handler handed the rest of its work to other Celery tasks (DATA_PROCESSING's chord
+    of batches), which finish the task under the same attempt. Until then the task stays
+    PROCESSING under its lease: if they never finish, the lease expires and the sweep retries."""

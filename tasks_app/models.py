@@ -197,3 +197,81 @@ class DeadLetterMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.failure_class}: {self.reason}"
+
+
+class Artifact(models.Model):
+    """A stored file of rows: a DATA_PROCESSING output, readable as a later task's source.
+
+    The bytes live in the ``artifacts`` storage (``STORAGES``: a local folder or S3); the row
+    says whose it is, what it holds and when it expires (``QW_ARTIFACT_TTL_DAYS``).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="artifacts"
+    )
+    task = models.ForeignKey(
+        Task, null=True, blank=True, on_delete=models.SET_NULL, related_name="artifacts"
+    )
+    name = models.CharField(max_length=512, unique=True, help_text="Path in the storage.")
+    format = models.CharField(max_length=8)
+    content_type = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField(default=0)
+    rows = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [models.Index(fields=["expires_at"], name="artifact_expires")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.rows} rows)"
+
+
+class DataJob(models.Model):
+    """A DATA_PROCESSING task's input once split into batches: staged once, reused by retries.
+
+    The database, not the chord, decides when the task is done: the merge runs only when every
+    batch row is DONE, and a retried attempt finds the staged batches and done work again.
+    """
+
+    task = models.OneToOneField(Task, primary_key=True, on_delete=models.CASCADE)
+    batches = models.PositiveIntegerField()
+    rows_in = models.BigIntegerField()
+    schema = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.batches} batches"
+
+
+class BatchStatus(models.TextChoices):
+    PENDING = "PENDING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class DataBatch(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(DataJob, on_delete=models.CASCADE, related_name="batch_rows")
+    index = models.PositiveIntegerField()
+    first_row = models.BigIntegerField()
+    rows = models.BigIntegerField()
+    source = models.CharField(max_length=512, help_text="The staged input, in the storage.")
+    output = models.CharField(max_length=512, blank=True, default="")
+    status = models.CharField(
+        max_length=8, choices=BatchStatus.choices, default=BatchStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True, default="")
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("job", "index")
+        constraints = [
+            models.UniqueConstraint(fields=["job", "index"], name="databatch_one_per_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.index} ({self.status})"

@@ -95,7 +95,7 @@ class QueueWorkerScheduler(DatabaseScheduler):
         return min(wait, self.dispatch_interval)
 
     def run_recovery(self) -> None:
-        from tasks_app import recovery
+        from tasks_app import artifacts, recovery
         from workflows_app.recovery import reconcile_runs
 
         now = time.monotonic()
@@ -104,6 +104,7 @@ class QueueWorkerScheduler(DatabaseScheduler):
                 self._next_sweep = now + self.sweep_interval
                 recovery.expire_leases()
                 reconcile_runs()
+                artifacts.expire()
             if now >= self._next_dispatch:
                 self._next_dispatch = now + self.dispatch_interval
                 recovery.dispatch_due()

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from tasks_app.models import Task, TaskLog, TaskStatus
@@ -35,6 +35,9 @@ def wait_reason(
                 "code": "cancel_requested",
                 "detail": "Cancellation requested; the handler stops at its next check.",
             }
+        batches = _batch_progress(task)
+        if batches is not None:
+            return batches
         return {
             "code": "running",
             "detail": f"Running attempt {task.attempt}.",
@@ -64,6 +67,30 @@ def wait_reason(
     return None
 
 
+def _batch_progress(task: Task) -> dict[str, Any] | None:
+    """A DATA_PROCESSING task whose batches run as a chord: how far they are."""
+    from tasks_app.models import BatchStatus, DataBatch
+
+    if task.type != "DATA_PROCESSING":
+        return None
+    counts = dict(
+        DataBatch.objects.filter(job_id=task.pk)
+        .values("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
+    )
+    if not counts:
+        return None
+    total = sum(counts.values())
+    return {
+        "code": "batches",
+        "detail": f"{counts.get(BatchStatus.DONE, 0)} of {total} batches done"
+        + (f", {counts[BatchStatus.FAILED]} failed" if counts.get(BatchStatus.FAILED) else "")
+        + f" (attempt {task.attempt}).",
+        "until": task.lease_expires_at,
+    }
+
+
 def _queued(task: Task, ask_broker: bool) -> dict[str, Any]:
     from queueworker import broker
 
@@ -79,3 +106,20 @@ def _queued(task: Task, ask_broker: bool) -> dict[str, Any]:
 def dead_letter_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:
     """Tasks that failed for good: the dead-letter records, newest first."""
     return task_queryset(user).filter(status=TaskStatus.FAILED).order_by("-finished_at")
+
+
+def stored_result(task: Task, *, part: str = "rows") -> tuple[str, str, str] | None:
+    """(storage name, content type, download name) of a result stored as an artifact, or
+    None when the result is inline. Raises ``Gone`` once the artifact has expired."""
+    from queueworker.errors import Gone
+    from tasks_app.models import Artifact
+
+    key = "artifact" if part == "rows" else "invalid_artifact"
+    result = task.result
+    ref = result.get(key) if isinstance(result, dict) else None
+    if not isinstance(ref, dict):
+        return None
+    artifact = Artifact.objects.filter(pk=str(ref.get("id")), owner_id=task.owner_id).first()
+    if artifact is None:
+        raise Gone({"detail": f"The stored result {ref.get('id')} has expired."})
+    return artifact.name, artifact.content_type, f"{task.id}-{part}.{artifact.format}"

@@ -13,9 +13,9 @@ from django.db import InterfaceError, OperationalError, connections
 
 from queueworker import logcontext
 from queueworker.celery import app
-from queueworker.messaging import DEFAULT_QUEUE
+from queueworker.messaging import DATA_QUEUE, DEFAULT_QUEUE
 from queueworker.tasking import instrumented_task
-from tasks_app import worker
+from tasks_app import batches, worker
 from tasks_app.dead_letters import DeadLetterConsumer
 from tasks_app.dispatch import EXECUTE_TASK
 from tasks_app.models import Task
@@ -61,6 +61,58 @@ def execute_task(
             raise self.retry(exc=exc, countdown=countdown) from exc
         _log_outcome(outcome, (time.monotonic() - started) * 1000)
     return outcome.status
+
+
+# DATA_PROCESSING's chord (tasks_app/batches.py). Each is sent to its task's own queue; the
+# batch keeps a result so that the chord (django-celery-results) counts it.
+BATCH_RETRIES = 5
+MERGE_WAITS = 120
+
+
+@instrumented_task(
+    name="tasks_app.data_batch",
+    queue=DATA_QUEUE,
+    bind=True,
+    ignore_result=False,
+    max_retries=BATCH_RETRIES,
+)
+def data_batch_task(self: CeleryTask, task_id: str, index: int) -> str:
+    """Run one batch. A failed read or write retries this batch alone; at the last retry
+    the batch is recorded FAILED and the chord still completes, so the merge can say why."""
+    with logcontext.bind(task_id=task_id):
+        try:
+            return batches.batch_run(task_id, index)
+        except (OSError, OperationalError, InterfaceError) as exc:
+            close_broken_connections()
+            if self.request.retries >= BATCH_RETRIES:
+                return batches.batch_failed_by_id(task_id, index, f"{type(exc).__name__}: {exc}")
+            countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+            logger.warning(
+                "batch %s of task %s: %s; retrying in %ss", index, task_id, exc, countdown
+            )
+            raise self.retry(exc=exc, countdown=countdown) from exc
+
+
+@instrumented_task(
+    name="tasks_app.data_merge", queue=DATA_QUEUE, bind=True, max_retries=MERGE_WAITS
+)
+def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
+    """The chord's callback: merge the batches and finish the task (DESIGN §8)."""
+    with logcontext.bind(task_id=task_id):
+        try:
+            outcome = batches.merge_run(task_id, attempt)
+        except (OSError, OperationalError, InterfaceError) as exc:
+            close_broken_connections()
+            raise self.retry(
+                exc=exc, countdown=min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+            ) from exc
+        if outcome == "waiting":
+            # A batch redelivered after its result was stored counts twice in the chord: the
+            # rows, not the chord, say when all are done. Past the waits, the lease decides.
+            if self.request.retries < MERGE_WAITS:
+                raise self.retry(countdown=1)
+        logger.info("merge of task %s: %s", task_id, outcome)
+        return outcome
 
 
 def _log_outcome(outcome: worker.Outcome, duration_ms: float) -> None:

@@ -27,8 +27,8 @@ from django.db import InterfaceError, OperationalError, transaction
 from queueworker import logcontext
 from tasks_app import dispatch, state
 from tasks_app.backoff import backoff_delay
-from tasks_app.errors import PermanentError, RetryableError, TaskCancelled
-from tasks_app.handlers import registry
+from tasks_app.errors import Deferred, PermanentError, RetryableError, TaskCancelled
+from tasks_app.handlers.registry import registry  # the package registers the built-ins
 from tasks_app.models import FailureClass, Task, TaskLog
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     try:
         result = spec.func(TaskContext(task), task.payload)
     except TaskCancelled:
-        if _finishing(task, lambda: state.cancel_running(task.id, task.attempt)):
-            return Outcome("cancelled")
-        return Outcome("stale", "cancelled, but the task had moved on")
+        return finish_cancelled(task)
+    except Deferred as exc:
+        return Outcome("deferred", str(exc))
     except SoftTimeLimitExceeded:
         return _finish_failed(
             task,
@@ -110,6 +110,11 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
         logger.exception("handler %s raised", task.type)
         return _finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
+    return finish_completed(task, result)
+
+
+def finish_completed(task: Task, result: Any) -> Outcome:
+    """Record a handler's result (also for work that finishes a deferred task)."""
     try:
         json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -119,6 +124,17 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     if _finishing(task, lambda: state.complete(task.id, task.attempt, result)):
         return Outcome("completed")
     return Outcome("stale", "completion discarded: the task had moved on")
+
+
+def finish_cancelled(task: Task) -> Outcome:
+    if _finishing(task, lambda: state.cancel_running(task.id, task.attempt)):
+        return Outcome("cancelled")
+    return Outcome("stale", "cancelled, but the task had moved on")
+
+
+def finish_failed(task: Task, error: str, *, retryable: bool) -> Outcome:
+    """Record a failed attempt of a deferred task: a retry while retries remain, else FAILED."""
+    return _finish_failed(task, error, retryable=retryable)
 
 
 def _finish_failed(

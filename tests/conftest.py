@@ -231,3 +231,17 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 def worker(transactional_db: Any, spawn: Callable[..., Proc]) -> Proc:
     """A real Celery worker (prefork, two children) on every work queue."""
     return spawn("worker")
+
+
+@pytest.fixture
+def artifact_root(settings: Any, tmp_path: Path) -> Path:
+    """The artifacts storage in a folder of this test (``QW_ARTIFACT_ROOT`` for its workers)."""
+    root = tmp_path / "artifacts"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "artifacts": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(root)},
+        },
+    }
+    return root

@@ -26,7 +26,7 @@ import jmespath
 from django.conf import settings
 from jmespath.exceptions import JMESPathError
 
-from tasks_app.handlers import registry
+from tasks_app.handlers.registry import registry
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 STEP_KEYS = {

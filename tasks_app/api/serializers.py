@@ -8,7 +8,7 @@ from rest_framework import serializers
 
 from queueworker.redaction import RedactedFields
 from tasks_app import selectors
-from tasks_app.handlers import registry
+from tasks_app.handlers.registry import registry
 from tasks_app.models import Task, TaskLog, TaskStatus
 from tasks_app.services import TaskSpec, canonical_hash
 
@@ -41,13 +41,16 @@ class NoInput(StrictSerializer):
     415 if it is not JSON), so that a malformed request never acts."""
 
 
-def payload_errors(problems: list[tuple[str, str]]) -> dict[str, Any] | list[str]:
+def payload_errors(
+    problems: list[tuple[str, str]], *, document: bool = False
+) -> dict[str, Any] | list[str]:
     """Shape (json path, message) pairs as DRF nested errors under ``payload``.
 
     ``{"sleep_ms": ["-1 is less than the minimum of 0"]}`` when every problem sits under a
-    top-level key; otherwise a list of ``"path: message"`` strings.
+    top-level key; otherwise, or for a ``document`` payload (a data pipeline), a list of
+    ``"path: message"`` strings.
     """
-    if problems and all(path for path, _ in problems):
+    if problems and not document and all(path for path, _ in problems):
         nested: dict[str, list[str]] = {}
         for path, message in problems:
             head, _, rest = path.partition(".")
@@ -143,9 +146,14 @@ class TaskCreateInput(StrictSerializer):
         spec = registry.get(attrs["type"])
         assert spec is not None  # validate_type ran first
         timeout_s = attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S)
-        problems = spec.validate(attrs.get("payload", {}), timeout_s=timeout_s)
+        request = self.context.get("request")
+        problems = spec.validate(
+            attrs.get("payload", {}), timeout_s=timeout_s, owner=getattr(request, "user", None)
+        )
         if problems:
-            raise serializers.ValidationError({"payload": payload_errors(problems)})
+            raise serializers.ValidationError(
+                {"payload": payload_errors(problems, document=spec.document)}
+            )
         return attrs
 
     def to_spec(self, *, idempotency_key: str | None = None) -> TaskSpec:

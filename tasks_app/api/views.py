@@ -5,6 +5,8 @@ from typing import Any, cast
 import django_filters
 from django.contrib.auth.models import User
 from django.db.models import QuerySet
+from django.http import FileResponse, HttpResponseBase
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
@@ -12,7 +14,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from queueworker.api import CreateThrottle
-from tasks_app import selectors, services
+from queueworker.errors import Gone, InvalidInput, InvalidTransition
+from tasks_app import artifacts, selectors, services
 from tasks_app.api.serializers import (
     NoInput,
     StrictSerializer,
@@ -137,6 +140,49 @@ class TaskViewSet(viewsets.GenericViewSet):
     def logs(self, request: Request, pk: str | None = None) -> Response:
         """The task's audit trail, oldest first."""
         return Response(TaskLogOutput(selectors.task_logs(self.get_object()), many=True).data)
+
+    @extend_schema(
+        responses={
+            # Each media type needs a schema: drf-spectacular fails on one without (KeyError).
+            (200, "application/json"): OpenApiResponse(
+                OpenApiTypes.ANY,
+                description="The result, when it is inline (or has no stored rows).",
+            ),
+            (200, "application/x-ndjson"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="Stored rows, streamed (also text/csv or application/json, by the "
+                "task's output_format).",
+            ),
+            409: OpenApiResponse(description="The task has not COMPLETED."),
+            410: OpenApiResponse(description="The stored result has expired."),
+        },
+        parameters=[
+            OpenApiParameter(
+                "part",
+                str,
+                enum=["rows", "invalid"],
+                description="`invalid`: the rows an `on_invalid: collect` set aside.",
+            )
+        ],
+    )
+    @action(detail=True, methods=["get"], filter_backends=[])
+    def result(self, request: Request, pk: str | None = None) -> HttpResponseBase:
+        """The task's result; a result stored as an artifact is streamed."""
+        task = self.get_object()
+        if task.status != TaskStatus.COMPLETED:
+            raise InvalidTransition({"detail": f"The task is {task.status}: no result yet."})
+        part = request.query_params.get("part", "rows")
+        if part not in ("rows", "invalid"):
+            raise InvalidInput({"part": ["One of rows, invalid."]})
+        stored = selectors.stored_result(task, part=part)
+        if stored is None:
+            return Response(task.result)
+        name, content_type, filename = stored
+        try:
+            handle = artifacts.storage().open(name, "rb")
+        except FileNotFoundError:
+            raise Gone({"detail": "The stored result has expired."}) from None
+        return FileResponse(handle, content_type=content_type, filename=filename)
 
     @extend_schema(
         request=None,

@@ -6,7 +6,12 @@ from importlib import import_module
 
 from django.conf import settings
 
-from tasks_app.handlers import compensation, http, noop  # noqa: F401  # register the built-ins
+from tasks_app.handlers import (  # noqa: F401  # register the built-ins
+    compensation,
+    data_processing,
+    http,
+    noop,
+)
 from tasks_app.handlers.registry import HandlerSpec, register, registry
 
 __all__ = ["HandlerSpec", "register", "registry"]

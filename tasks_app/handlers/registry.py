@@ -42,6 +42,8 @@ Handler = Callable[[Any, Any], Any]
 Validator = Callable[[Any], list[tuple[str, str]]]
 # Rules between the payload and the task's own fields, e.g. a request timeout within the task's.
 TaskValidator = Callable[..., list[tuple[str, str]]]
+# Rules that need the creating user, e.g. that a referenced artifact or task is theirs.
+OwnerValidator = Callable[[Any, Any], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,24 @@ class HandlerSpec:
     extra_validator: Validator | None = None
     # Checks against the task's own fields (called with timeout_s=…).
     task_validator: TaskValidator | None = None
+    # Checks against the creating user (called with the payload and the user).
+    owner_validator: OwnerValidator | None = None
+    # A payload that is a whole document (a data pipeline): its errors are reported as one
+    # list of "json.path: message" strings, as for a workflow definition (DESIGN §7).
+    document: bool = False
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         Draft202012Validator.check_schema(self.schema)
         object.__setattr__(self, "_validator", Draft202012Validator(self.schema))
 
-    def validate(self, payload: Any, *, timeout_s: int | None = None) -> list[tuple[str, str]]:
+    def validate(
+        self, payload: Any, *, timeout_s: int | None = None, owner: Any = None
+    ) -> list[tuple[str, str]]:
         """Return (json path, message) for every problem in ``payload``, by path.
 
-        ``timeout_s``: the task's own time limit, for the type's task-level rules.
+        ``timeout_s``: the task's own time limit, for the type's task-level rules; ``owner``:
+        the creating user, for references to their own objects.
         """
         problems: list[tuple[str, str]] = []
         for error in self._validator.iter_errors(payload):
@@ -73,6 +83,8 @@ class HandlerSpec:
             problems = self.extra_validator(payload)
         if not problems and self.task_validator is not None and timeout_s is not None:
             problems = self.task_validator(payload, timeout_s=timeout_s)
+        if not problems and self.owner_validator is not None and owner is not None:
+            problems = self.owner_validator(payload, owner)
         return problems
 
 
@@ -117,6 +129,8 @@ class HandlerRegistry:
         description: str = "",
         extra_validator: Validator | None = None,
         task_validator: TaskValidator | None = None,
+        owner_validator: OwnerValidator | None = None,
+        document: bool = False,
     ) -> Callable[[Handler], Handler]:
         if not _TYPE_NAME.match(task_type):
             raise ValueError(f"task type {task_type!r} must be UPPER_SNAKE_CASE, at most 64 chars")
@@ -131,6 +145,8 @@ class HandlerRegistry:
                 description or inspect.cleandoc(func.__doc__ or ""),
                 extra_validator,
                 task_validator,
+                owner_validator,
+                document,
             )
             return func
 

@@ -114,6 +114,27 @@ def exchange(
     guard, ``TooManyRedirects`` or ``BadRedirect``.
     """
     started = time.perf_counter()
+    response, hops = open_response(http, out)
+    try:
+        body, truncated = _read_capped(response, out.max_bytes, check_cancelled)
+    finally:
+        response.close()  # a fully read body returns its connection to the pool
+    return Incoming(
+        status_code=response.status_code,
+        reason=response.reason or "",
+        url=response.url,
+        headers=response.headers,
+        body=body,
+        truncated=truncated,
+        elapsed_ms=(time.perf_counter() - started) * 1000,
+        redirects=hops,
+        encoding=charset(response.headers.get("Content-Type", "")),
+    )
+
+
+def open_response(http: requests.Session, out: Outgoing) -> tuple[requests.Response, int]:
+    """Send ``out`` and follow its redirects; return the final response, its body unread
+    (the caller reads and closes it), and the number of hops."""
     parse_target(out.url)  # scheme and host, as the guard will read them (ValueError)
     request = requests.Request(
         out.method,
@@ -139,21 +160,7 @@ def exchange(
             prepared = _next_hop(http, prepared, response, out.private_headers)
         finally:
             _release(response)
-    try:
-        body, truncated = _read_capped(response, out.max_bytes, check_cancelled)
-    finally:
-        response.close()  # a fully read body returns its connection to the pool
-    return Incoming(
-        status_code=response.status_code,
-        reason=response.reason or "",
-        url=response.url,
-        headers=response.headers,
-        body=body,
-        truncated=truncated,
-        elapsed_ms=(time.perf_counter() - started) * 1000,
-        redirects=hops,
-        encoding=charset(response.headers.get("Content-Type", "")),
-    )
+    return response, hops
 
 
 def charset(content_type: str) -> str | None:

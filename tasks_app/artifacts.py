@@ -1,0 +1,149 @@
+"""Artifacts: files of rows in the ``artifacts`` storage (Django's storage API).
+
+Two kinds of names live there:
+
+- ``work/<task id>/…``: a DATA_PROCESSING task's staged input batches and batch outputs. They
+  belong to the task while it runs and are deleted when it finishes (and by the expiry sweep,
+  for a task whose worker died at the wrong moment).
+- ``results/<task id>/<artifact id>.<ext>``: outputs, each with an ``Artifact`` row that says
+  whose it is and when it expires (``QW_ARTIFACT_TTL_DAYS``). A later task may read one as its
+  source; ``GET /api/tasks/{id}/result/`` streams it.
+
+Writers stage through a local temporary file and hand it to ``Storage.save``: a local folder or
+S3 alike, and a batch in memory is never copied a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import IO, Any
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.utils import timezone
+
+from tasks_app.models import TERMINAL_STATUSES, Artifact, DataJob, Task
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPES = {
+    "jsonl": "application/x-ndjson",
+    "json": "application/json",
+    "csv": "text/csv",
+}
+SPOOL_BYTES = 8 * 1024 * 1024  # kept in memory below this, spilled to a temporary file above
+EXPIRE_BATCH = 500
+WORK_GRACE = timedelta(hours=1)
+
+
+def storage() -> Storage:
+    return storages["artifacts"]
+
+
+def work_prefix(task_id: Any) -> str:
+    return f"work/{task_id}"
+
+
+def write(name: str, fill: Callable[[IO[bytes]], None]) -> tuple[str, int]:
+    """Write a file through ``fill(file)`` and save it as ``name``; return (saved name, size).
+
+    A name that exists is replaced: a batch that runs twice rewrites its own output.
+    """
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as buffer:
+        fill(buffer)
+        return save(name, buffer)
+
+
+def save(name: str, file: IO[bytes]) -> tuple[str, int]:
+    """Save the whole of ``file`` as ``name`` (replacing it); return (saved name, size)."""
+    size = file.seek(0, 2)
+    file.seek(0)
+    store = storage()
+    if store.exists(name):
+        store.delete(name)
+    return store.save(name, File(file, name=name)), size
+
+
+@contextmanager
+def reading(name: str) -> Iterator[IO[bytes]]:
+    with storage().open(name, "rb") as handle:
+        yield handle
+
+
+def delete_tree(prefix: str) -> int:
+    """Delete every file under ``prefix`` (Storage has no recursive delete); return how many."""
+    store = storage()
+    try:
+        dirs, files = store.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    deleted = 0
+    for name in files:
+        store.delete(f"{prefix}/{name}")
+        deleted += 1
+    for sub in dirs:
+        deleted += delete_tree(f"{prefix}/{sub}")
+    return deleted
+
+
+def artifact_create(
+    *, task: Task, fmt: str, file: IO[bytes], rows: int, label: str = "rows"
+) -> Artifact:
+    """Store the whole of ``file`` (``rows`` rows in ``fmt``) as an output of ``task``."""
+    artifact = Artifact(owner_id=task.owner_id, task=task, format=fmt, rows=rows)
+    artifact.name, artifact.size_bytes = save(
+        f"results/{task.id}/{label}-{artifact.id}.{fmt}", file
+    )
+    artifact.content_type = CONTENT_TYPES.get(fmt, "application/octet-stream")
+    artifact.expires_at = timezone.now() + timedelta(days=settings.QW_ARTIFACT_TTL_DAYS)
+    artifact.save(force_insert=True)
+    return artifact
+
+
+def describe(artifact: Artifact) -> dict[str, Any]:
+    """How a task's result refers to an artifact."""
+    return {
+        "id": str(artifact.id),
+        "format": artifact.format,
+        "content_type": artifact.content_type,
+        "rows": artifact.rows,
+        "size_bytes": artifact.size_bytes,
+        "expires_at": artifact.expires_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def expire(*, now: datetime | None = None) -> int:
+    """Delete artifacts past their expiry, and work files of finished tasks; return the count.
+
+    A task's result keeps its artifact reference: the result endpoint answers 410 once the
+    artifact is gone.
+    """
+    now = now or timezone.now()
+    expired = list(
+        Artifact.objects.filter(expires_at__lt=now).order_by("expires_at")[:EXPIRE_BATCH]
+    )
+    store = storage()
+    for artifact in expired:
+        try:
+            store.delete(artifact.name)
+        except OSError:
+            logger.warning("could not delete artifact file %s", artifact.name, exc_info=True)
+            continue
+        artifact.delete()
+    # An hour's grace: a finished task retried by hand finds its staged batches again.
+    leftovers = list(
+        DataJob.objects.filter(
+            task__status__in=TERMINAL_STATUSES, task__finished_at__lt=now - WORK_GRACE
+        ).values_list("task_id", flat=True)[:EXPIRE_BATCH]
+    )
+    for task_id in leftovers:
+        delete_tree(work_prefix(task_id))
+    DataJob.objects.filter(task_id__in=leftovers).delete()
+    if expired:
+        logger.info("expired %d artifacts", len(expired))
+    return len(expired)

@@ -1,0 +1,343 @@
+"""DATA_PROCESSING in batches: stage the input, fan out as a Celery chord, merge (DESIGN §8).
+
+1. Stage (the task's own attempt): stream the source and write it as batches of
+   ``batch_size`` rows (Arrow IPC files in the artifacts storage), one ``DataBatch`` row each,
+   under one ``DataJob``. A small inline input skips all this and runs in the attempt itself.
+2. Fan out: a chord of ``data_batch_task`` (one per batch not yet DONE) whose callback is
+   ``data_merge_task``. The attempt then ends ``Deferred``: the task stays PROCESSING.
+3. Each batch runs the row-wise part of the pipeline and writes its output; its row turns DONE
+   (or FAILED with the reason). A failed read or write retries that batch alone.
+4. The merge runs the rest (dedupe, sort, aggregate, limit) over the outputs in batch order and
+   completes the task, fenced by the attempt: only when every batch row is DONE. The database,
+   not the chord, decides: if the callback is lost, the lease expires, the sweep retries the
+   task, and the next attempt finds the staged batches and the DONE outputs and carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import IO, Any, Literal
+
+import polars as pl
+from celery import chord
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from tasks_app import artifacts, data, sources, worker
+from tasks_app.errors import Deferred, PermanentError, RetryableError
+from tasks_app.models import BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """The DATA_PROCESSING handler's body (see the module docstring)."""
+    task: Task = ctx.task
+    operations = payload.get("operations", [])
+    batch_size = payload.get("batch_size", settings.QW_DATA_BATCH_SIZE)
+    job = DataJob.objects.filter(task=task).first()
+    if job is None:
+        with sources.opened(task, payload) as source:
+            if source.records is not None and len(source.records) <= batch_size:
+                plan = _run(lambda: data.Plan.from_operations(operations))
+                frame = _run(lambda: data.frame_from_records(source.records or []))
+                part = _run(lambda: plan.run_batch(frame, first_row=0))
+                return finish_merge(task, payload, plan, [part], batches=1)
+            job = stage(task, source, batch_size)
+        ctx.log(
+            "data_staged",
+            f"{job.rows_in} rows from {source.description} in {job.batches} batches",
+            {"rows": job.rows_in, "batches": job.batches},
+        )
+    # A new attempt gives failed batches another chance (a manual retry, say).
+    DataBatch.objects.filter(job=job, status=BatchStatus.FAILED).update(
+        status=BatchStatus.PENDING, error=""
+    )
+    pending = list(job.batch_rows.exclude(status=BatchStatus.DONE).values_list("index", flat=True))
+    if job.batches == 1 and pending:  # one batch needs no chord: run it in this attempt
+        outcome = batch_run(str(task.id), 0)
+        if outcome == "failed":
+            raise PermanentError(DataBatch.objects.get(job=job, index=0).error)
+        pending = []
+    if not pending:
+        return merge(task, payload, job)
+    dispatch(task, pending)
+    ctx.log(
+        "batches_dispatched",
+        f"{len(pending)} of {job.batches} batches sent as a chord",
+        {"pending": len(pending), "batches": job.batches},
+    )
+    raise Deferred(f"{len(pending)} of {job.batches} batches dispatched")
+
+
+def _run(step: Any) -> Any:
+    try:
+        return step()
+    except data.DataError as exc:
+        raise PermanentError(str(exc)) from None
+
+
+# --- 1. stage ----------------------------------------------------------------------------------
+
+
+def stage(task: Task, source: sources.Source, batch_size: int) -> DataJob:
+    """Write the source as batch files and record them; a concurrent attempt's staging wins."""
+    prefix = f"{artifacts.work_prefix(task.id)}/a{task.attempt}"
+    schema: Any = None
+    frames: Iterable[pl.DataFrame]
+    if source.records is not None:
+        schema = data.infer_schema(source.records)
+        frames = (
+            data.frame_from_records(chunk, schema) for chunk in _chunks(source.records, batch_size)
+        )
+    elif source.fmt == "csv":
+        assert source.file is not None
+        frames = data.iter_csv_frames(source.file, batch_size)
+    else:
+        assert source.file is not None
+        # Column types are decided over the whole input: one pass to learn them, one to split.
+        fmt: Literal["json", "jsonl"] = "jsonl" if source.fmt == "jsonl" else "json"
+        schema = _run(lambda: data.infer_schema(data.iter_json_records(source.file, fmt)))
+        source.file.seek(0)
+        rows = data.iter_json_records(source.file, fmt)
+        frames = (data.frame_from_records(chunk, schema) for chunk in _chunks(rows, batch_size))
+    batches: list[DataBatch] = []
+    first_row = 0
+    for index, frame in enumerate(_run(lambda: _reading(frames))):
+        name, _ = artifacts.write(f"{prefix}/in/{index:06d}.arrow", frame.write_ipc)
+        batches.append(DataBatch(index=index, first_row=first_row, rows=frame.height, source=name))
+        first_row += frame.height
+    if not batches:  # an empty input is one empty batch: the pipeline still runs and reports
+        name, _ = artifacts.write(f"{prefix}/in/000000.arrow", pl.DataFrame().write_ipc)
+        batches.append(DataBatch(index=0, first_row=0, rows=0, source=name))
+    with transaction.atomic():
+        job, created = DataJob.objects.get_or_create(
+            task=task,
+            defaults={
+                "batches": len(batches),
+                "rows_in": first_row,
+                "schema": schema.to_json() if schema is not None else None,
+            },
+        )
+        if created:
+            for batch in batches:
+                batch.job = job
+            DataBatch.objects.bulk_create(batches)
+    if not created:
+        artifacts.delete_tree(prefix)
+    return job
+
+
+def _reading(frames: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """Frames one at a time, so that a ``DataError`` raised while reading surfaces here."""
+    try:
+        yield from frames
+    except data.DataError:
+        raise
+    except (pl.exceptions.PolarsError, UnicodeDecodeError, ValueError) as exc:
+        raise data.DataError(f"source: cannot read it: {exc}") from None
+
+
+def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(rows)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+# --- 2. fan out --------------------------------------------------------------------------------
+
+
+def dispatch(task: Task, indexes: list[int]) -> None:
+    from tasks_app.tasks import data_batch_task, data_merge_task
+
+    header = [
+        data_batch_task.si(str(task.id), index).set(queue=task.queue, priority=task.priority)
+        for index in indexes
+    ]
+    callback = data_merge_task.si(str(task.id), task.attempt).set(
+        queue=task.queue, priority=task.priority
+    )
+    try:
+        chord(header)(callback)
+    except (BrokerError, OSError) as exc:
+        # The staged batches stay; the next attempt sends them again.
+        raise RetryableError(f"could not send the batches: {exc}") from None
+
+
+# --- 3. one batch ------------------------------------------------------------------------------
+
+
+def batch_run(task_id: str, index: int) -> str:
+    """Run one batch; return what became of it. Raises only what a retry may fix (I/O)."""
+    batch = (
+        DataBatch.objects.select_related("job__task")
+        .filter(job_id=uuid.UUID(task_id), index=index)
+        .first()
+    )
+    if batch is None:
+        return "gone"
+    if batch.status == BatchStatus.DONE:
+        return "done already"
+    task = batch.job.task
+    if task.status != TaskStatus.PROCESSING or task.cancel_requested:
+        return f"skipped: the task is {task.status}"
+    plan = data.Plan.from_operations(task.payload.get("operations", []))
+    with artifacts.reading(batch.source) as handle:
+        frame = pl.read_ipc(handle)
+    try:
+        result = plan.run_batch(frame, first_row=batch.first_row)
+    except data.DataError as exc:
+        return batch_failed(batch, str(exc))
+    except pl.exceptions.PolarsError as exc:
+        return batch_failed(batch, f"operations: {type(exc).__name__}: {exc}")
+    name, _ = artifacts.write(
+        f"{artifacts.work_prefix(task_id)}/out/{index:06d}.batch", result.write
+    )
+    DataBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
+        status=BatchStatus.DONE, output=name, finished_at=timezone.now()
+    )
+    return "done"
+
+
+def batch_failed(batch: DataBatch, error: str) -> str:
+    DataBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
+        status=BatchStatus.FAILED, error=error[: worker.MAX_ERROR_CHARS], finished_at=timezone.now()
+    )
+    return "failed"
+
+
+def batch_failed_by_id(task_id: str, index: int, error: str) -> str:
+    batch = DataBatch.objects.filter(job_id=uuid.UUID(task_id), index=index).first()
+    return batch_failed(batch, error) if batch is not None else "gone"
+
+
+# --- 4. merge ----------------------------------------------------------------------------------
+
+
+def merge_run(task_id: str, attempt: int) -> str:
+    """The chord's callback: finish the task if every batch is DONE (``waiting`` if not)."""
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None or task.status != TaskStatus.PROCESSING or task.attempt != attempt:
+        return "stale"
+    if task.cancel_requested:
+        return worker.finish_cancelled(task).status
+    job = DataJob.objects.get(task=task)
+    rows = list(job.batch_rows.all())
+    failed = [batch for batch in rows if batch.status == BatchStatus.FAILED]
+    if failed:
+        first = failed[0]
+        error = (
+            f"batch {first.index} (rows {first.first_row}–{first.first_row + first.rows - 1}): "
+            f"{first.error}"
+        )
+        return worker.finish_failed(task, error, retryable=False).status
+    if any(batch.status != BatchStatus.DONE for batch in rows):
+        return "waiting"
+    try:
+        result = merge(task, task.payload, job)
+    except PermanentError as exc:
+        return worker.finish_failed(task, str(exc), retryable=False).status
+    return worker.finish_completed(task, result).status
+
+
+def merge(task: Task, payload: dict[str, Any], job: DataJob) -> dict[str, Any]:
+    plan = _run(lambda: data.Plan.from_operations(payload.get("operations", [])))
+    names = list(job.batch_rows.order_by("index").values_list("output", flat=True))
+
+    def parts() -> Iterator[Any]:
+        for name in names:
+            with artifacts.reading(name) as handle:
+                yield data.BatchResult.read(handle)
+
+    result = finish_merge(task, payload, plan, parts(), batches=job.batches)
+    transaction.on_commit(lambda: cleanup(task.id))
+    return result
+
+
+def cleanup(task_id: Any) -> None:
+    """Delete a finished task's staged batches (its outputs live on as artifacts)."""
+    artifacts.delete_tree(artifacts.work_prefix(task_id))
+    DataJob.objects.filter(task_id=task_id).delete()
+
+
+# --- the result --------------------------------------------------------------------------------
+
+
+def finish_merge(
+    task: Task, payload: dict[str, Any], plan: Any, parts: Iterable[Any], *, batches: int
+) -> dict[str, Any]:
+    """Merge the batch results into ``{stats, invalid_samples, rows | artifact}`` (DESIGN §8),
+    plus ``invalid_rows`` or ``invalid_artifact`` for ``on_invalid: collect``.
+
+    The merge writes its rows to a temporary file, never to a list in memory: an inline result
+    is read back from it when it fits ``QW_DATA_INLINE_MAX_BYTES``; anything larger becomes an
+    artifact (as JSON Lines when inline was asked for).
+    """
+    want_inline = payload.get("output", "inline") == "inline"
+    fmt = "jsonl" if want_inline else payload.get("output_format", "jsonl")
+    collects = any(op.get("on_invalid") == "collect" for op in payload.get("operations", []))
+    with (
+        tempfile.SpooledTemporaryFile(max_size=artifacts.SPOOL_BYTES) as rows_file,
+        tempfile.SpooledTemporaryFile(max_size=artifacts.SPOOL_BYTES) as invalid_file,
+    ):
+        merged = _run(
+            lambda: plan.merge(
+                parts,
+                batches=batches,
+                output=rows_file,
+                output_format=fmt,
+                invalid_output=invalid_file if collects else None,
+            )
+        )
+        result: dict[str, Any] = {
+            "stats": merged.stats,
+            "invalid_samples": merged.invalid_samples,
+        }
+        _place(task, result, rows_file, fmt, want_inline, ("rows", "artifact"))
+        if collects:
+            _place(task, result, invalid_file, "jsonl", True, ("invalid_rows", "invalid_artifact"))
+    return result
+
+
+def _place(
+    task: Task,
+    result: dict[str, Any],
+    file: IO[bytes],
+    fmt: str,
+    want_inline: bool,
+    keys: tuple[str, str],
+) -> None:
+    inline_key, artifact_key = keys
+    size = file.tell()
+    file.seek(0)
+    limit = settings.QW_DATA_INLINE_MAX_BYTES
+    if want_inline and size <= limit:
+        result[inline_key] = [json.loads(line) for line in file if line.strip()]
+        return
+    lines = _count_lines(file) if fmt == "jsonl" else None
+    if want_inline:
+        TaskLog.objects.create(
+            task=task,
+            event="output_stored",
+            message=f"{inline_key} exceed QW_DATA_INLINE_MAX_BYTES ({limit} bytes): stored as "
+            "an artifact (JSON Lines)",
+            data={"bytes": size, "attempt": task.attempt},
+        )
+    rows = lines if lines is not None else result["stats"].get("rows_out", 0)
+    label = "rows" if inline_key == "rows" else "invalid"
+    artifact = artifacts.artifact_create(task=task, fmt=fmt, file=file, rows=rows, label=label)
+    result[artifact_key] = artifacts.describe(artifact)
+
+
+def _count_lines(file: IO[bytes]) -> int:
+    file.seek(0)
+    count = sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    file.seek(0)
+    return count

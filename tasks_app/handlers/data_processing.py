@@ -1,0 +1,45 @@
+"""``DATA_PROCESSING``: a declarative pipeline over rows, in parallel batches (DESIGN §8).
+
+The payload names its rows (inline ``records`` or a ``source``: a URL, an artifact, another
+task's result) and an ordered list of ``operations``. It is checked at create, each problem
+named by its JSON path (``operations[2].where.field: this field is required``); a source URL
+goes through the SSRF guard here and again, on the resolved address, when it is fetched.
+The engine is ``tasks_app.data`` (Polars); the batches and the chord are ``tasks_app.batches``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from tasks_app import batches, data, sources
+from tasks_app.handlers.registry import Context, register
+from tasks_app.http.guard import check_url, parse_allowed_hosts
+
+
+def validate_payload(payload: Any) -> list[tuple[str, str]]:
+    problems = data.payload_problems(payload)
+    if problems or "source" not in payload:
+        return problems
+    ref = sources.reference(payload)
+    if "url" in ref:
+        message = check_url(ref["url"], parse_allowed_hosts(settings.QW_HTTP_ALLOWED_HOSTS))
+        path = "source" if isinstance(payload["source"], str) else "source.url"
+        if message is not None:
+            problems.append((path, message))
+    return problems
+
+
+@register(
+    "DATA_PROCESSING",
+    schema=data.PAYLOAD_SCHEMA,
+    extra_validator=validate_payload,
+    owner_validator=sources.owner_problems,
+    document=True,
+)
+def data_processing(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate, clean, rename, select, cast, filter, dedupe, sort, aggregate and limit rows
+    from inline records, a URL, an artifact or another task's result; large inputs in
+    parallel batches. Returns ``{stats, invalid_samples, rows | artifact}``."""
+    return batches.process(ctx, payload)

@@ -1,0 +1,175 @@
+"""Where a DATA_PROCESSING task's rows come from: inline records, a URL, an artifact, a task.
+
+A URL is fetched through the HTTP_REQUEST type's guarded client (the SSRF guard checks the
+resolved address of every connection and every redirect) and streamed to a local temporary
+file, capped at ``QW_DATA_MAX_SOURCE_BYTES``: memory never holds the whole source.
+An artifact or another task's result must belong to the task's owner.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import requests
+from django.conf import settings
+
+from tasks_app import artifacts
+from tasks_app.errors import PermanentError, RetryableError
+from tasks_app.http import client
+from tasks_app.http.guard import DestinationRefused
+from tasks_app.models import Artifact, Task, TaskStatus
+
+FORMATS = ("csv", "json", "jsonl")
+_BY_CONTENT_TYPE = {
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "application/json": "json",
+    "application/x-ndjson": "jsonl",
+    "application/ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/x-jsonlines": "jsonl",
+}
+_BY_EXTENSION = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass
+class Source:
+    """Rows to stage: inline ``records``, or a seekable binary ``file`` in ``fmt``."""
+
+    description: str
+    records: list[Any] | None = None
+    file: IO[bytes] | None = None
+    fmt: str = "json"
+
+
+def reference(payload: dict[str, Any]) -> dict[str, str]:
+    """The payload's ``source`` as ``{"url"|"artifact"|"task": value}``."""
+    source = payload["source"]
+    return {"url": source} if isinstance(source, str) else dict(source)
+
+
+@contextmanager
+def opened(task: Task, payload: dict[str, Any]) -> Iterator[Source]:
+    if "records" in payload:
+        yield Source("inline records", records=payload["records"])
+        return
+    ref = reference(payload)
+    given = payload.get("format")
+    if "url" in ref:
+        with _downloaded(ref["url"], task) as (file, content_type):
+            fmt = given or _format_of(content_type, ref["url"])
+            yield Source(f"url {ref['url']}", file=file, fmt=fmt)
+    elif "artifact" in ref:
+        with _artifact(ref["artifact"], task.owner_id, given) as source:
+            yield source
+    else:
+        yield from _task_result(ref["task"], task, given)
+
+
+def _format_of(content_type: str, url: str) -> str:
+    media = content_type.split(";")[0].strip().lower()
+    if media in _BY_CONTENT_TYPE:
+        return _BY_CONTENT_TYPE[media]
+    extension = posixpath.splitext(urlsplit(url).path)[1].lower()
+    if extension in _BY_EXTENSION:
+        return _BY_EXTENSION[extension]
+    raise PermanentError(
+        f"format: cannot tell the source's format from its Content-Type {media!r} or its URL; "
+        f"give format ({', '.join(FORMATS)})"
+    )
+
+
+@contextmanager
+def _downloaded(url: str, task: Task) -> Iterator[tuple[IO[bytes], str]]:
+    http = client.session(settings.QW_HTTP_ALLOWED_HOSTS)
+    out = client.Outgoing(
+        method="GET",
+        url=url,
+        timeout_s=min(settings.QW_HTTP_TIMEOUT_S, task.timeout_s),
+        max_redirects=settings.QW_HTTP_MAX_REDIRECTS,
+    )
+    cap = settings.QW_DATA_MAX_SOURCE_BYTES
+    with tempfile.TemporaryFile() as file:
+        try:
+            response, _ = client.open_response(http, out)
+        except DestinationRefused as exc:
+            raise PermanentError(f"source.url: {exc}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RetryableError(f"source.url: {type(exc).__name__}: {exc}") from None
+        except (requests.RequestException, ValueError) as exc:
+            raise PermanentError(f"source.url: {exc}") from None
+        try:
+            if response.status_code in RETRY_STATUS:
+                raise RetryableError(f"source.url answered {response.status_code}")
+            if not 200 <= response.status_code < 300:
+                raise PermanentError(f"source.url answered {response.status_code}")
+            size = 0
+            for chunk in response.iter_content(CHUNK_BYTES):
+                size += len(chunk)
+                if size > cap:
+                    raise PermanentError(
+                        f"source.url: larger than QW_DATA_MAX_SOURCE_BYTES ({cap} bytes)"
+                    )
+                file.write(chunk)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RetryableError(f"source.url: reading the body: {exc}") from None
+        finally:
+            response.close()
+        file.seek(0)
+        yield file, response.headers.get("Content-Type", "")
+
+
+@contextmanager
+def _artifact(artifact_id: str, owner_id: Any, given: str | None) -> Iterator[Source]:
+    artifact = Artifact.objects.filter(pk=artifact_id, owner_id=owner_id).first()
+    if artifact is None:
+        raise PermanentError(f"source.artifact: no artifact {artifact_id} (expired or not yours)")
+    try:
+        with artifacts.reading(artifact.name) as file:
+            yield Source(f"artifact {artifact.id}", file=file, fmt=given or artifact.format)
+    except FileNotFoundError:
+        raise PermanentError(f"source.artifact: the file of {artifact.id} is gone") from None
+
+
+def _task_result(task_id: str, task: Task, given: str | None) -> Iterator[Source]:
+    other = Task.objects.filter(pk=task_id, owner_id=task.owner_id).first()
+    if other is None:
+        raise PermanentError(f"source.task: no task {task_id}")
+    if other.status != TaskStatus.COMPLETED:
+        raise PermanentError(f"source.task: task {task_id} is {other.status}, not COMPLETED")
+    result = other.result
+    if isinstance(result, dict) and isinstance(result.get("artifact"), dict):
+        with _artifact(result["artifact"].get("id", ""), task.owner_id, given) as source:
+            yield source
+        return
+    for rows in (
+        result,
+        result.get("rows") if isinstance(result, dict) else None,
+        result.get("json") if isinstance(result, dict) else None,  # an HTTP_REQUEST's body
+    ):
+        if isinstance(rows, list):
+            yield Source(f"task {task_id}", records=rows)
+            return
+    raise PermanentError(
+        f"source.task: the result of task {task_id} holds no rows (a list, rows, json or artifact)"
+    )
+
+
+def owner_problems(payload: Any, owner: Any) -> list[tuple[str, str]]:
+    """At create: a referenced artifact or task must exist and be the creator's."""
+    if not isinstance(payload, dict) or "source" not in payload:
+        return []
+    ref = reference(payload)
+    if "artifact" in ref and not Artifact.objects.filter(pk=ref["artifact"], owner=owner).exists():
+        return [("source.artifact", f"no artifact {ref['artifact']}")]
+    if "task" in ref and not Task.objects.filter(pk=ref["task"], owner=owner).exists():
+        return [("source.task", f"no task {ref['task']}")]
+    return []

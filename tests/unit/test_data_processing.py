@@ -1,0 +1,368 @@
+"""DATA_PROCESSING around the engine: create-time checks, sources, batches, merge, results.
+
+The chord itself runs in tests/integration/test_data_processing.py; here each of its parts
+(stage, one batch, the merge) is called as a worker would call it, against the database and
+a storage folder of the test.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from tasks_app import artifacts, batches, data, recovery, worker
+from tasks_app.models import Artifact, BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+PEOPLE = [
+    {
+        "id": i,
+        "email": f" User{i % 7}@Example.com ",
+        "country": "DE" if i % 3 else "FR",
+        "age": 20 + i,
+    }
+    for i in range(25)
+]
+PIPELINE = [
+    {"op": "clean", "trim": True, "lower": ["email"]},
+    {"op": "dedupe", "keys": ["email"], "keep": "last"},
+    {
+        "op": "aggregate",
+        "group_by": ["country"],
+        "metrics": {"n": {"count": "*"}, "age": {"sum": "age"}},
+    },
+]
+
+
+@pytest.fixture(autouse=True)
+def _storage(artifact_root):
+    return artifact_root
+
+
+def _create(api, payload: dict[str, Any], **extra: Any):
+    return api.post(
+        "/api/tasks/", {"type": "DATA_PROCESSING", "payload": payload, **extra}, format="json"
+    )
+
+
+def _created(api, payload: dict[str, Any]) -> Task:
+    response = _create(api, payload)
+    assert response.status_code == 201, response.content
+    return Task.objects.get(pk=response.json()["id"])
+
+
+class Chord:
+    """Stands in for the broker: records which batches a chord would have sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[int]] = []
+
+    def __call__(self, task: Task, indexes: list[int]) -> None:
+        self.sent.append(list(indexes))
+
+
+@pytest.fixture
+def chord(monkeypatch) -> Chord:
+    recorder = Chord()
+    monkeypatch.setattr(batches, "dispatch", recorder)
+    return recorder
+
+
+def _run(task: Task) -> worker.Outcome:
+    """Run the task's next attempt as a worker would; ``task`` is refreshed afterwards."""
+    outcome = worker.run(str(task.id), timeout_s=task.timeout_s)
+    task.refresh_from_db()
+    return outcome
+
+
+# --- create-time checks ------------------------------------------------------------------------
+
+
+def test_create_with_a_bad_operation_names_its_path_and_writes_nothing(api):
+    before = Task.objects.count()
+    response = _create(api, {"records": [], "operations": [{"op": "filter", "where": {"gte": 1}}]})
+    assert response.status_code == 400
+    assert "operations[0].where.field" in json.dumps(response.json()["payload"])
+    assert Task.objects.count() == before
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "http://127.0.0.1/people.csv",
+        {"url": "http://169.254.169.254/latest/meta-data"},
+        {"url": "http://[::1]:8080/x.json"},
+        {"url": "http://10.1.2.3/x.csv"},
+    ],
+)
+def test_create_with_a_source_url_inside_the_network_is_refused(api, source):
+    response = _create(api, {"source": source, "operations": []})
+    assert response.status_code == 400, response.content
+    path = "source" if isinstance(source, str) else "source.url"
+    assert path in json.dumps(response.json()["payload"])
+    assert not Task.objects.exists()
+
+
+def test_create_with_another_users_artifact_or_task_is_refused(api, user):
+    other = UserFactory()
+    theirs = Task.objects.create(owner=other, type="NOOP", queue="task.created")
+    artifact = Artifact.objects.create(
+        owner=other,
+        name="results/x.jsonl",
+        format="jsonl",
+        content_type="x",
+        expires_at=timezone.now(),
+    )
+    for source, path in (
+        ({"task": str(theirs.id)}, "source.task"),
+        ({"artifact": str(artifact.id)}, "source.artifact"),
+    ):
+        response = _create(api, {"source": source})
+        assert response.status_code == 400
+        assert path in json.dumps(response.json()["payload"])
+    assert Task.objects.filter(owner=user).count() == 0
+
+
+# --- small inputs run in the attempt ---------------------------------------------------------
+
+
+def test_small_inline_records_complete_in_one_attempt_with_stats(api):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE})
+    assert _run(task).status == "completed"
+    task.refresh_from_db()
+    assert task.status == TaskStatus.COMPLETED
+    reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
+    assert task.result["rows"] == data.to_records(reference.frame)
+    assert task.result["stats"]["rows_in"] == 25
+    assert not DataJob.objects.exists()
+
+
+def test_invalid_rows_with_on_invalid_fail_fail_the_task_at_once(api):
+    operations = [{"op": "validate", "schema": {"required": ["missing"]}, "on_invalid": "fail"}]
+    task = _created(api, {"records": PEOPLE, "operations": operations})
+    assert _run(task).status == "failed"
+    task.refresh_from_db()
+    assert task.failure_class == "non_retryable"
+    assert "operations[0]" in task.error
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def test_large_input_is_staged_in_batches_and_the_attempt_defers(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    outcome = _run(task)
+    assert outcome.status == "deferred"
+    job = DataJob.objects.get(task=task)
+    assert (job.batches, job.rows_in) == (3, 25)
+    assert list(job.batch_rows.values_list("first_row", "rows")) == [(0, 10), (10, 10), (20, 5)]
+    assert chord.sent == [[0, 1, 2]]
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING  # until the merge finishes it
+    assert "batches_dispatched" in TaskLog.objects.filter(task=task).values_list("event", flat=True)
+    batches.batch_run(str(task.id), 1)
+    reason = api.get(f"/api/tasks/{task.id}/").json()["wait_reason"]
+    assert (reason["code"], reason["detail"]) == ("batches", "1 of 3 batches done (attempt 1).")
+
+
+def test_batches_then_merge_equal_a_single_batch_run(
+    api, chord, django_capture_on_commit_callbacks
+):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 4})
+    _run(task)
+    for index in chord.sent[0]:
+        assert batches.batch_run(str(task.id), index) == "done"
+    assert batches.batch_run(str(task.id), 0) == "done already"  # a redelivered batch
+    with django_capture_on_commit_callbacks(execute=True):
+        assert batches.merge_run(str(task.id), task.attempt) == "completed"
+    task.refresh_from_db()
+    reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
+    assert task.result["rows"] == data.to_records(reference.frame)
+    assert task.result["stats"]["batches"] == 7
+    # the staged work is gone once the task is done
+    assert not DataJob.objects.filter(task=task).exists()
+    assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
+
+
+def test_merge_waits_while_a_batch_is_pending_and_a_stale_merge_does_nothing(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    _run(task)
+    batches.batch_run(str(task.id), 0)
+    assert batches.merge_run(str(task.id), task.attempt) == "waiting"
+    assert batches.merge_run(str(task.id), task.attempt + 1) == "stale"
+    assert Task.objects.get(pk=task.pk).status == TaskStatus.PROCESSING
+
+
+def test_a_failed_batch_fails_the_task_naming_the_batch_and_its_rows(api, chord):
+    # given a pipeline that fails on row 15 only, in the second of three batches
+    schema = {"properties": {"id": {"not": {"const": 15}}}}
+    operations = [{"op": "validate", "schema": schema, "on_invalid": "fail"}]
+    task = _created(api, {"records": PEOPLE, "operations": operations, "batch_size": 10})
+    _run(task)
+
+    # when the batches run
+    assert [batches.batch_run(str(task.id), index) for index in (0, 1, 2)] == [
+        "done",
+        "failed",
+        "done",
+    ]
+
+    # then the merge fails the task at once, naming the batch, its rows and the row at fault
+    assert batches.merge_run(str(task.id), task.attempt) == "failed"
+    task.refresh_from_db()
+    assert task.status == TaskStatus.FAILED
+    assert task.error.startswith("batch 1 (rows 10–19): operations[0]")
+    assert "row 15" in task.error
+
+
+def test_a_lost_callback_is_finished_by_the_sweep_and_the_next_attempt(api, chord):
+    # given every batch DONE but the chord's callback lost with its worker
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    _run(task)
+    for index in chord.sent[0]:
+        batches.batch_run(str(task.id), index)
+    Task.objects.filter(pk=task.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+    # when the sweep expires the lease and the retry runs
+    assert recovery.expire_leases() == 1
+    Task.objects.filter(pk=task.pk).update(next_attempt_at=timezone.now())
+    outcome = _run(task)
+
+    # then the next attempt merges the DONE outputs without sending a batch again
+    assert outcome.status == "completed"
+    assert chord.sent == [[0, 1, 2]]
+    task.refresh_from_db()
+    reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
+    assert task.result["rows"] == data.to_records(reference.frame)
+
+
+def test_a_retried_attempt_sends_only_the_batches_not_done(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    _run(task)
+    batches.batch_run(str(task.id), 1)
+    Task.objects.filter(pk=task.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    recovery.expire_leases()
+    Task.objects.filter(pk=task.pk).update(next_attempt_at=timezone.now())
+    assert _run(task).status == "deferred"
+    assert chord.sent == [[0, 1, 2], [0, 2]]
+
+
+def test_cancel_while_batches_run_ends_cancelled(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    _run(task)
+    assert api.post(f"/api/tasks/{task.id}/cancel/").status_code == 202
+    assert batches.batch_run(str(task.id), 0).startswith("skipped")
+    assert batches.merge_run(str(task.id), task.attempt) == "cancelled"
+    assert Task.objects.get(pk=task.pk).status == TaskStatus.CANCELLED
+
+
+# --- results and artifacts ---------------------------------------------------------------------
+
+
+def test_artifact_output_is_streamed_by_the_result_endpoint(api):
+    task = _created(
+        api,
+        {
+            "records": PEOPLE,
+            "operations": [{"op": "select", "fields": ["id"]}],
+            "output": "artifact",
+        },
+    )
+    _run(task)
+    task.refresh_from_db()
+    assert "rows" not in task.result
+    ref = task.result["artifact"]
+    assert ref["rows"] == 25 and ref["format"] == "jsonl"
+    response = api.get(f"/api/tasks/{task.id}/result/")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/x-ndjson"
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert [json.loads(line) for line in lines] == [{"id": i} for i in range(25)]
+
+
+def test_inline_output_over_the_limit_is_stored_as_an_artifact(api, settings):
+    settings.QW_DATA_INLINE_MAX_BYTES = 1024
+    task = _created(api, {"records": PEOPLE * 4, "operations": []})
+    _run(task)
+    task.refresh_from_db()
+    assert task.result["artifact"]["rows"] == 100
+    assert "output_stored" in TaskLog.objects.filter(task=task).values_list("event", flat=True)
+
+
+def test_result_endpoint_answers_inline_409_and_410(api):
+    task = _created(api, {"records": PEOPLE[:2], "operations": []})
+    assert api.get(f"/api/tasks/{task.id}/result/").status_code == 409
+    _run(task)
+    assert api.get(f"/api/tasks/{task.id}/result/").json()["rows"] == data.to_records(
+        data.frame_from_records(PEOPLE[:2])
+    )
+    stored = _created(api, {"records": PEOPLE[:2], "operations": [], "output": "artifact"})
+    _run(stored)
+    Artifact.objects.filter(task=stored).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert artifacts.expire() == 1
+    assert api.get(f"/api/tasks/{stored.id}/result/").status_code == 410
+
+
+def test_another_task_result_and_an_artifact_are_sources(api):
+    first = _created(
+        api,
+        {
+            "records": PEOPLE,
+            "operations": [{"op": "select", "fields": ["id", "country"]}],
+            "output": "artifact",
+        },
+    )
+    _run(first)
+    artifact_id = Task.objects.get(pk=first.pk).result["artifact"]["id"]
+    by_task = _created(
+        api,
+        {
+            "source": {"task": str(first.id)},
+            "operations": [{"op": "filter", "where": {"field": "country", "eq": "FR"}}],
+        },
+    )
+    by_artifact = _created(
+        api, {"source": {"artifact": artifact_id}, "operations": [{"op": "limit", "n": 2}]}
+    )
+    assert _run(by_task).status == "completed"
+    assert _run(by_artifact).status == "completed"
+    fr = [r for r in PEOPLE if r["country"] == "FR"]
+    assert Task.objects.get(pk=by_task.pk).result["rows"] == [
+        {"id": r["id"], "country": "FR"} for r in fr
+    ]
+    assert Task.objects.get(pk=by_artifact.pk).result["rows"] == [
+        {"id": 0, "country": "FR"},
+        {"id": 1, "country": "DE"},
+    ]
+
+
+def test_expiry_removes_the_work_of_tasks_finished_long_ago(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": [], "batch_size": 10})
+    _run(task)
+    Task.objects.filter(pk=task.pk).update(
+        status=TaskStatus.FAILED, finished_at=timezone.now() - timedelta(hours=2)
+    )
+    artifacts.expire()
+    assert not DataJob.objects.exists() and not DataBatch.objects.exists()
+    assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
+
+
+def test_failed_batches_get_another_chance_on_a_manual_retry(api, chord):
+    task = _created(api, {"records": PEOPLE, "operations": [], "batch_size": 10})
+    _run(task)
+    DataBatch.objects.filter(job_id=task.pk, index=2).update(
+        status=BatchStatus.FAILED, error="disk"
+    )
+    for index in (0, 1):
+        batches.batch_run(str(task.id), index)
+    batches.merge_run(str(task.id), task.attempt)
+    assert Task.objects.get(pk=task.pk).status == TaskStatus.FAILED
+    assert api.post(f"/api/tasks/{task.id}/retry/").status_code == 202
+    assert _run(task).status == "deferred"
+    assert chord.sent[-1] == [2]
