@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.http_scenario
 	$(BIN)/python -m bench.workflow_scenario
+	$(BIN)/python -m bench.data_scenario
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -165,6 +165,56 @@ class Processes:
         return done.stdout
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (``pgrep -P``): a prefork worker's pool processes."""
+    try:
+        done = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted(int(word) for word in done.stdout.split() if word.isdigit())
+
+
+def proc_status_bytes(pid: int, key: str = "VmHWM") -> int | None:
+    """A size from /proc/<pid>/status in bytes: ``VmHWM`` (peak resident set, the default) or
+    ``VmRSS`` (now); None if the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # the kernel's "kB" are KiB
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the process so far, all its threads (/proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its direct children (a prefork worker and its pool)."""
+    return sum(cpu_seconds(each) or 0.0 for each in (pid, *child_pids(pid)))
+
+
+def tree_peak_rss(pid: int) -> dict[int, int]:
+    """Peak RSS in bytes of ``pid`` and of each of its direct children, by pid (read them
+    before stopping the process: the figures go with it)."""
+    peaks: dict[int, int] = {}
+    for each in (pid, *child_pids(pid)):
+        peak = proc_status_bytes(each)
+        if peak is not None:
+            peaks[each] = peak
+    return peaks
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -404,9 +454,16 @@ def start_web(processes: Processes, port: int, workers: int = 2) -> Child:
 
 
 def start_worker(
-    processes: Processes, broker_url: str, queues: list[str], run_id: str, concurrency: int = 2
+    processes: Processes,
+    broker_url: str,
+    queues: list[str],
+    run_id: str,
+    concurrency: int = 2,
+    name: str = "worker",
 ) -> Child:
-    """``celery -A queueworker worker`` without ``-Q``: every work queue (DESIGN §5)."""
+    """``celery -A queueworker worker`` without ``-Q``: every work queue (DESIGN §5).
+
+    ``name`` names the child and its log (``<log dir>/<name>.log``)."""
     argv = [
         executable("celery"),
         "-A",
@@ -423,7 +480,7 @@ def start_worker(
         "-l",
         "WARNING",
     ]
-    child = processes.start("worker", argv)
+    child = processes.start(name, argv)
     wait_until(
         lambda: queues_consumed(broker_url, queues),
         timeout=90,
