@@ -23,7 +23,7 @@ import polars as pl
 
 from tasks_app.data.core import DataError, check_field_names
 
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # read size: 8 MiB measured 30 MB more peak RSS, no faster
 # A record longer than this without a closing quote is taken for a broken file.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
