@@ -1,13 +1,17 @@
-"""Worker process setup: database session settings, connection health, broker topology."""
+"""Worker process setup: database session settings, connection health, broker topology, and
+a message strategy that refuses what it cannot read instead of stopping the worker."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
+from celery.exceptions import InvalidTaskError
 from django.conf import settings
 from django.db.backends.signals import connection_created
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from queueworker import messaging
 from queueworker.logging import connect_celery
@@ -44,3 +48,42 @@ def _declare_dead_letter_queue(sender: Any = None, **kwargs: Any) -> None:
             messaging.dead_letter_queue()(conn.default_channel).declare()
     except Exception:  # the worker still runs; the queues' DLX argument holds until it exists
         logger.warning("could not declare %s", messaging.DEAD_LETTER_QUEUE, exc_info=True)
+
+
+def tolerant_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Celery's default strategy, except that a message it cannot read is refused, not fatal.
+
+    Celery's consumer handles the errors it expects (disallowed content, an unknown task), but
+    a message that names a known task without an ``id`` header, or whose body is not JSON or
+    not ``[args, kwargs, embed]``, raises in the consumer itself: a body that does not decode is
+    dropped, and a ``KeyError``/``ValueError`` is an "Unrecoverable error" that stops the worker
+    (and, the message being unacknowledged, the next worker that takes it). Each of these
+    becomes an ``InvalidTaskError``: logged, and rejected to ``tasks.dlx``, where the
+    dead-letter consumer records it. Should the error come after the request was handed to the
+    pool, a task whose message is refused is still in the database: the dispatcher sends it
+    again.
+    """
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **kwargs)
+
+    def task_message_handler(
+        message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any
+    ) -> Any:
+        try:
+            return handle(message, body, ack, reject, callbacks, **options)
+        except (InvalidTaskError, ContentDisallowed):
+            raise  # the consumer logs these and rejects the message itself
+        except (DecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise InvalidTaskError(f"unreadable task message: {exc!r}") from exc
+
+    return task_message_handler
+
+
+@signals.worker_init.connect
+def _tolerant_message_strategy(sender: Any = None, **kwargs: Any) -> None:
+    """Every task of the app (ours and Celery's own) reads its messages tolerantly; the
+    consumer builds its strategies after ``worker_init``."""
+    from queueworker.celery import app
+
+    app.Task.Strategy = f"{__name__}:tolerant_strategy"

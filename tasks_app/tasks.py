@@ -32,8 +32,8 @@ DB_RETRY_CAP_S = 10
 @instrumented_task(name=EXECUTE_TASK, queue=DEFAULT_QUEUE, bind=True, max_retries=DB_RETRY_MAX)
 def execute_task(
     self: CeleryTask,
-    taskType: str,  # message field names are part of the contract
-    taskId: str,
+    taskType: str = "",  # message field names are part of the contract
+    taskId: str = "",  # a message without one is refused below (not a TypeError in the pool)
     delay: float = 0,
     metadata: dict[str, Any] | None = None,
 ) -> str:
