@@ -9,7 +9,7 @@ QW_VAR_DIR ?= var
 # Flower's login for `make run` when FLOWER_BASIC_AUTH is not set: made once, kept in var/.
 FLOWER_AUTH_FILE := $(QW_VAR_DIR)/flower-auth
 
-.PHONY: install run migrate test test-unit test-integration lint bench clean
+.PHONY: install run migrate test test-unit test-integration lint bench chaos soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ run: migrate
 	  PATH=$(abspath $(BIN)):$$PATH $(BIN)/honcho start -f Procfile
 
 test: install
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/chaos
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -n $(PYTEST_WORKERS)
@@ -51,6 +51,16 @@ bench: install
 	$(BIN)/python -m bench.http_scenario
 	$(BIN)/python -m bench.workflow_scenario
 	$(BIN)/python -m bench.data_scenario
+
+# Faults against real RabbitMQ, PostgreSQL and workers (tests/chaos); 1 is the issue's size.
+QW_CHAOS_SCALE ?= 1
+QW_SOAK_SECONDS ?= 600
+
+chaos: install
+	QW_CHAOS_SCALE=$(QW_CHAOS_SCALE) $(BIN)/python -m pytest tests/chaos --ignore=tests/chaos/test_soak.py
+
+soak: install
+	QW_SOAK_SECONDS=$(QW_SOAK_SECONDS) $(BIN)/python -m pytest tests/chaos/test_soak.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
