@@ -30,7 +30,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from tasks_app import artifacts, data, sources, worker
+from tasks_app import artifacts, data, sources, state, worker
 from tasks_app.errors import Deferred, PermanentError, RetryableError
 from tasks_app.models import BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
 
@@ -69,6 +69,9 @@ def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     if not pending:
         return merge(task, payload, job)
     dispatch(task, pending)
+    # The batches may wait behind other work: the lease runs from now, and each finished
+    # batch renews it, so that only a task whose batches stop making progress expires.
+    state.renew_lease(task.pk, seconds=_lease_s(task))
     ctx.log(
         "batches_dispatched",
         f"{len(pending)} of {job.batches} batches sent as a chord",
@@ -203,7 +206,12 @@ def batch_run(task_id: str, index: int) -> str:
     DataBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
         status=BatchStatus.DONE, output=name, finished_at=timezone.now()
     )
+    state.renew_lease(task.pk, seconds=_lease_s(task))
     return "done"
+
+
+def _lease_s(task: Task) -> float:
+    return task.timeout_s + settings.QW_LEASE_SECONDS
 
 
 def batch_failed(batch: DataBatch, error: str) -> str:

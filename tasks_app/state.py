@@ -475,3 +475,14 @@ def expire_lease(
         log=LogEntry(level=LogLevel.ERROR, message=error, data={"failure_class": "worker_lost"}),
         now=now,
     )
+
+
+def renew_lease(task_id: Any, *, seconds: float, now: datetime | None = None) -> bool:
+    """Push a running task's lease to ``now + seconds`` (never shorten it): work done on its
+    behalf elsewhere (DATA_PROCESSING's batches) is a sign of life. Not a status change."""
+    until = (now or timezone.now()) + timedelta(seconds=seconds)
+    return bool(
+        Task.objects.filter(
+            pk=task_id, status=TaskStatus.PROCESSING, lease_expires_at__lt=until
+        ).update(lease_expires_at=until)
+    )

@@ -366,3 +366,18 @@ def test_failed_batches_get_another_chance_on_a_manual_retry(api, chord):
     assert api.post(f"/api/tasks/{task.id}/retry/").status_code == 202
     assert _run(task).status == "deferred"
     assert chord.sent[-1] == [2]
+
+
+def test_each_finished_batch_renews_the_tasks_lease(api, chord):
+    # given a deferred task whose lease is about to run out while its batches wait
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    _run(task)
+    soon = timezone.now() + timedelta(seconds=1)
+    Task.objects.filter(pk=task.pk).update(lease_expires_at=soon)
+
+    # when a batch finishes
+    batches.batch_run(str(task.id), 0)
+
+    # then the lease runs again from now, a whole time limit and margin ahead
+    renewed = Task.objects.get(pk=task.pk).lease_expires_at
+    assert renewed >= soon + timedelta(seconds=task.timeout_s)
