@@ -19,7 +19,8 @@ from tasks_app.http.guard import check_url, parse_allowed_hosts
 
 
 def validate_payload(payload: Any) -> list[tuple[str, str]]:
-    problems = data.payload_problems(payload)
+    """The rules beyond the schema (the registry runs this once the schema is satisfied)."""
+    problems = data.payload_problems(payload, schema_checked=True)
     if problems or "source" not in payload:
         return problems
     ref = sources.reference(payload)
