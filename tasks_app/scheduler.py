@@ -15,6 +15,8 @@ from django.db.models import Q
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 logger = logging.getLogger(__name__)
+# While the recovery sweep keeps failing (a database outage), one log line this often.
+FAILURE_REPORT_S = 30.0
 
 
 class QueueWorkerEntry(ModelEntry):
@@ -43,6 +45,8 @@ class QueueWorkerScheduler(DatabaseScheduler):
         self.sweep_interval = settings.QW_SWEEP_INTERVAL_S
         self._next_dispatch = 0.0
         self._next_sweep = 0.0
+        self._failing_since: float | None = None
+        self._last_failure_report = 0.0
 
     def _get_crontab_exclude_query(self) -> Q:
         # Upstream leaves out crontabs whose hour is not near now by a UTC-offset guess; a
@@ -108,6 +112,22 @@ class QueueWorkerScheduler(DatabaseScheduler):
             if now >= self._next_dispatch:
                 self._next_dispatch = now + self.dispatch_interval
                 recovery.dispatch_due()
-        except Exception:  # a database outage must not stop beat; the next tick tries again
-            logger.exception("recovery sweep failed")
+        except Exception as exc:  # a database outage must not stop beat; the next tick retries
             close_old_connections()
+            self._recovery_failed(exc, now)
+            return
+        if self._failing_since is not None:
+            logger.warning("recovery sweep works again after %.0f s", now - self._failing_since)
+            self._failing_since = None
+
+    def _recovery_failed(self, exc: Exception, now: float) -> None:
+        """The first failure with its traceback; while it lasts, one line every
+        ``FAILURE_REPORT_S`` instead of one per tick (a database outage is many ticks)."""
+        if self._failing_since is None:
+            self._failing_since = self._last_failure_report = now
+            logger.exception("recovery sweep failed")
+        elif now - self._last_failure_report >= FAILURE_REPORT_S:
+            self._last_failure_report = now
+            logger.error(
+                "recovery sweep still failing after %.0f s: %s", now - self._failing_since, exc
+            )
