@@ -23,6 +23,17 @@ case "$process" in
       --schedule /tmp/celerybeat-schedule "$@"
     ;;
   flower)
+    # Flower has no login of its own and shows every task's arguments and results: it does not
+    # start without one (FLOWER_BASIC_AUTH=user:password, or --basic-auth / --auth given here).
+    case " $* " in
+      *" --basic-auth"* | *" --auth"*) ;;
+      *)
+        if [ -z "${FLOWER_BASIC_AUTH:-}" ] && [ -z "${FLOWER_AUTH:-}" ]; then
+          echo "refusing to start Flower without a login: set FLOWER_BASIC_AUTH=user:password" >&2
+          exit 64
+        fi
+        ;;
+    esac
     exec celery -A queueworker flower --port="${FLOWER_PORT:-5555}" --address=0.0.0.0 "$@"
     ;;
   migrate)

@@ -184,8 +184,12 @@ def stub_path(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run_entrypoint(stub_path: Path, *args: str, fails: int = 0) -> tuple[int, list[str], bool]:
-    """Exit status, the stand-ins' calls, and whether the last one replaced the shell (exec)."""
+def _run_entrypoint(
+    stub_path: Path, *args: str, fails: int = 0, env: dict[str, str] | None = None
+) -> tuple[int, list[str], bool]:
+    """Exit status, the stand-ins' calls, and whether the last one replaced the shell (exec).
+
+    Flower's login is set unless ``env`` says otherwise."""
     log = stub_path.parent / "calls.log"
     counter = stub_path.parent / "fails"
     pid_file = stub_path.parent / "pid"
@@ -198,9 +202,14 @@ def _run_entrypoint(stub_path: Path, *args: str, fails: int = 0) -> tuple[int, l
         "STUB_PID": str(pid_file),
         "QW_MIGRATION_WAIT_S": "0",
         "LOG_LEVEL": "info",
+        "FLOWER_BASIC_AUTH": "admin:secret",
+        **(env or {}),
     }
     process = subprocess.Popen(
-        ["sh", str(ENTRYPOINT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ["sh", str(ENTRYPOINT), *args],
+        env={k: v for k, v in env.items() if v},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     process.communicate(timeout=20)
     exec_ed = pid_file.exists() and pid_file.read_text().strip() == str(process.pid)
@@ -244,6 +253,17 @@ def test_entrypoint_processes_match_the_procfile(stub_path):
         prefix = 2 if words[0] == "gunicorn" else 4  # gunicorn queueworker.wsgi / celery -A x sub
         _, calls, _ = _run_entrypoint(stub_path, name)
         assert calls[0].split()[:prefix] == words[:prefix], (name, calls)
+
+
+def test_flower_refuses_to_start_without_a_login(stub_path):
+    # without FLOWER_BASIC_AUTH, Flower would serve every task's payload to anyone
+    returncode, calls, _ = _run_entrypoint(stub_path, "flower", env={"FLOWER_BASIC_AUTH": ""})
+    assert returncode == 64 and calls == []
+    # a login on the command line is a login too
+    returncode, calls, exec_ed = _run_entrypoint(
+        stub_path, "flower", "--basic-auth=ops:pw", env={"FLOWER_BASIC_AUTH": ""}
+    )
+    assert returncode == 0 and exec_ed and "--basic-auth=ops:pw" in calls[0]
 
 
 def test_wait_for_migrations_polls_migrate_check_until_it_passes(stub_path):
