@@ -96,7 +96,7 @@ def stage(task: Task, source: sources.Source, batch_size: int) -> DataJob:
     schema: Any = None
     frames: Iterable[pl.DataFrame]
     if source.records is not None:
-        schema = data.infer_schema(source.records)
+        schema = _run(lambda: data.infer_schema(source.records or []))
         frames = (
             data.frame_from_records(chunk, schema) for chunk in _chunks(source.records, batch_size)
         )

@@ -381,3 +381,16 @@ def test_each_finished_batch_renews_the_tasks_lease(api, chord):
     # then the lease runs again from now, a whole time limit and margin ahead
     renewed = Task.objects.get(pk=task.pk).lease_expires_at
     assert renewed >= soon + timedelta(seconds=task.timeout_s)
+
+
+def test_a_source_whose_rows_are_not_objects_fails_with_the_reason(api, chord):
+    # given a finished task whose result is a list of numbers, read in batches
+    other = _created(api, {"records": [], "operations": []})
+    Task.objects.filter(pk=other.pk).update(status=TaskStatus.COMPLETED, result=[1, 2, 3])
+    task = _created(api, {"source": {"task": str(other.id)}, "operations": [], "batch_size": 1})
+
+    # when it runs, then it fails at once, saying what is wrong with the rows
+    assert _run(task).status == "failed"
+    assert task.failure_class == "non_retryable"
+    assert "object" in task.error and not task.error.startswith("DataError")
+    assert chord.sent == []
