@@ -65,6 +65,9 @@ def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
         outcome = batch_run(str(task.id), 0)
         if outcome == "failed":
             raise PermanentError(DataBatch.objects.get(job=job, index=0).error)
+        if not outcome.startswith("done"):
+            ctx.check_cancelled()  # raises TaskCancelled when a cancel is why it did not run
+            raise RetryableError(f"the batch did not run: {outcome}")
         pending = []
     if not pending:
         return merge(task, payload, job)

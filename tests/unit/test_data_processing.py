@@ -394,3 +394,22 @@ def test_a_source_whose_rows_are_not_objects_fails_with_the_reason(api, chord):
     assert task.failure_class == "non_retryable"
     assert "object" in task.error and not task.error.startswith("DataError")
     assert chord.sent == []
+
+
+def test_a_single_staged_batch_is_not_run_once_a_cancel_is_requested(api, monkeypatch):
+    # given a one-batch task from another task's result, cancelled as its attempt stages it
+    first = _created(api, {"records": PEOPLE[:3], "operations": [], "output": "artifact"})
+    _run(first)
+    task = _created(api, {"source": {"task": str(first.id)}, "operations": []})
+    staged = batches.stage
+
+    def stage_then_cancel(*args, **kwargs):
+        job = staged(*args, **kwargs)
+        Task.objects.filter(pk=task.pk).update(cancel_requested=True)
+        return job
+
+    monkeypatch.setattr(batches, "stage", stage_then_cancel)
+
+    # when the attempt goes on, then it ends CANCELLED, not COMPLETED
+    assert _run(task).status == "cancelled"
+    assert task.status == TaskStatus.CANCELLED
