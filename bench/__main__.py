@@ -165,16 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             log(f"results: {path}")
-        if args.keep:
-            log(f"kept (--keep): database {iso.database_url}, vhost {iso.name}, logs {iso.log_dir}")
-        else:
-            problems = iso.teardown()
-            for problem in problems:
-                log(f"cleanup: could not remove {problem}")
-            if exit_code == 0 and not problems:
-                iso.remove_logs()
-            else:
-                log(f"child logs kept in {iso.log_dir}")
+        iso.finish(keep=args.keep, succeeded=exit_code == 0, log=log)
     return exit_code
 
 

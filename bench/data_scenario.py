@@ -1120,17 +1120,11 @@ def main(argv: list[str] | None = None) -> int:
         report.RESULTS_DIR / RESULT_FILE,
     )
     log(f"results: {path}")
+    iso.finish(keep=args.keep, succeeded=exit_code == 0, log=log)
     if args.keep:
-        log(f"kept (--keep): CSV {csv_path}, database {iso.database_url}, vhost {iso.name}")
-        log(f"logs in {iso.log_dir}")
+        log(f"kept (--keep): CSV {csv_path}")
     else:
-        for problem in iso.teardown():
-            log(f"cleanup: could not remove {problem}")
         shutil.rmtree(work_dir, ignore_errors=True)
-        if exit_code == 0:
-            iso.remove_logs()
-        else:
-            log(f"child logs kept in {iso.log_dir}")
     return exit_code
 
 

@@ -265,15 +265,7 @@ def run_http_scenario(
     finally:
         processes.stop_all()
         server.stop()
-        if keep:
-            log(f"kept (--keep): database {iso.database_url}, vhost {iso.name}")
-        else:
-            for problem in iso.teardown():
-                log(f"cleanup: could not remove {problem}")
-            if result.complete:
-                iso.remove_logs()
-            else:
-                log(f"child logs kept in {iso.log_dir}")
+        iso.finish(keep=keep, succeeded=result.complete, log=log)
     return result
 
 

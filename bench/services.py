@@ -429,6 +429,21 @@ class Isolation:
     def remove_logs(self) -> None:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
+    def finish(self, *, keep: bool, succeeded: bool, log: Callable[[str], None]) -> None:
+        """The end of a run: keep everything (``--keep``), or drop the database and the vhost,
+        and the child logs too when the run succeeded and nothing was left behind."""
+        if keep:
+            log(f"kept (--keep): database {self.database_url}, vhost {self.name}")
+            log(f"logs in {self.log_dir}")
+            return
+        problems = self.teardown()
+        for problem in problems:
+            log(f"cleanup: could not remove {problem}")
+        if succeeded and not problems:
+            self.remove_logs()
+        else:
+            log(f"child logs kept in {self.log_dir}")
+
 
 # --- the service's processes -------------------------------------------------------------------
 

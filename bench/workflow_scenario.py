@@ -297,15 +297,7 @@ def run_workflow_scenario(
         for profiler in profilers:
             profiler.stop()
         processes.stop_all()
-        if keep:
-            log(f"kept (--keep): database {iso.database_url}, vhost {iso.name}")
-        else:
-            for problem in iso.teardown():
-                log(f"cleanup: could not remove {problem}")
-            if result.complete:
-                iso.remove_logs()
-            else:
-                log(f"child logs kept in {iso.log_dir}")
+        iso.finish(keep=keep, succeeded=result.complete, log=log)
     return result
 
 

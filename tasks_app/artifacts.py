@@ -25,9 +25,10 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import Storage, storages
+from django.db.models import Q
 from django.utils import timezone
 
-from tasks_app.models import TERMINAL_STATUSES, Artifact, DataJob, Task
+from tasks_app.models import TERMINAL_STATUSES, Artifact, DataJob, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,12 @@ def expire(*, now: datetime | None = None) -> int:
             logger.warning("could not delete artifact file %s", artifact.name, exc_info=True)
             continue
         artifact.delete()
-    # An hour's grace: a finished task retried by hand finds its staged batches again.
+    # A COMPLETED task's work is done with (one that completed in its own attempt leaves it
+    # here). An hour's grace for the others: one retried by hand finds its batches again.
     leftovers = list(
         DataJob.objects.filter(
-            task__status__in=TERMINAL_STATUSES, task__finished_at__lt=now - WORK_GRACE
+            Q(task__status=TaskStatus.COMPLETED)
+            | Q(task__status__in=TERMINAL_STATUSES, task__finished_at__lt=now - WORK_GRACE)
         ).values_list("task_id", flat=True)[:EXPIRE_BATCH]
     )
     for task_id in leftovers:

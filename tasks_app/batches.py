@@ -200,9 +200,9 @@ def batch_run(task_id: str, index: int) -> str:
     try:
         result = plan.run_batch(frame, first_row=batch.first_row)
     except data.DataError as exc:
-        return batch_failed(batch, str(exc))
+        return batch_failed(task_id, index, str(exc))
     except pl.exceptions.PolarsError as exc:
-        return batch_failed(batch, f"operations: {type(exc).__name__}: {exc}")
+        return batch_failed(task_id, index, f"operations: {type(exc).__name__}: {exc}")
     name, _ = artifacts.write(
         f"{artifacts.work_prefix(task_id)}/out/{index:06d}.batch", result.write
     )
@@ -217,16 +217,13 @@ def _lease_s(task: Task) -> float:
     return task.timeout_s + settings.QW_LEASE_SECONDS
 
 
-def batch_failed(batch: DataBatch, error: str) -> str:
-    DataBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
+def batch_failed(task_id: str, index: int, error: str) -> str:
+    DataBatch.objects.filter(
+        job_id=uuid.UUID(task_id), index=index, status=BatchStatus.PENDING
+    ).update(
         status=BatchStatus.FAILED, error=error[: worker.MAX_ERROR_CHARS], finished_at=timezone.now()
     )
     return "failed"
-
-
-def batch_failed_by_id(task_id: str, index: int, error: str) -> str:
-    batch = DataBatch.objects.filter(job_id=uuid.UUID(task_id), index=index).first()
-    return batch_failed(batch, error) if batch is not None else "gone"
 
 
 # --- 4. merge ----------------------------------------------------------------------------------
@@ -252,28 +249,36 @@ def merge_run(task_id: str, attempt: int) -> str:
     if any(batch.status != BatchStatus.DONE for batch in rows):
         return "waiting"
     try:
-        result = merge(task, task.payload, job)
+        result = merge(task, task.payload, job, outputs=[batch.output for batch in rows])
     except PermanentError as exc:
         return worker.finish_failed(task, str(exc), retryable=False).status
-    return worker.finish_completed(task, result).status
+    outcome = worker.finish_completed(task, result).status
+    if outcome == "completed":
+        cleanup(task.id)  # only once the task is done: a stale merge must not take its batches
+    return outcome
 
 
-def merge(task: Task, payload: dict[str, Any], job: DataJob) -> dict[str, Any]:
+def merge(
+    task: Task, payload: dict[str, Any], job: DataJob, *, outputs: list[str] | None = None
+) -> dict[str, Any]:
+    """The merged result of a job whose batches are all DONE (``outputs``: their output files
+    in batch order, when the caller has read them already)."""
     plan = _run(lambda: data.Plan.from_operations(payload.get("operations", [])))
-    names = list(job.batch_rows.order_by("index").values_list("output", flat=True))
+    names = outputs
+    if names is None:
+        names = list(job.batch_rows.order_by("index").values_list("output", flat=True))
 
     def parts() -> Iterator[Any]:
         for name in names:
             with artifacts.reading(name) as handle:
                 yield data.BatchResult.read(handle)
 
-    result = finish_merge(task, payload, plan, parts(), batches=job.batches)
-    transaction.on_commit(lambda: cleanup(task.id))
-    return result
+    return finish_merge(task, payload, plan, parts(), batches=job.batches)
 
 
 def cleanup(task_id: Any) -> None:
-    """Delete a finished task's staged batches (its outputs live on as artifacts)."""
+    """Delete a finished task's staged batches (its outputs live on as artifacts). A task that
+    completes in its own attempt leaves this to beat's sweep (``artifacts.expire``)."""
     artifacts.delete_tree(artifacts.work_prefix(task_id))
     DataJob.objects.filter(task_id=task_id).delete()
 
@@ -311,9 +316,11 @@ def finish_merge(
             "stats": merged.stats,
             "invalid_samples": merged.invalid_samples,
         }
-        _place(task, result, rows_file, fmt, want_inline, ("rows", "artifact"))
+        rows_out = merged.stats["rows_out"]
+        _place(task, result, rows_file, fmt, want_inline, ("rows", "artifact"), rows_out)
         if collects:
-            _place(task, result, invalid_file, "jsonl", True, ("invalid_rows", "invalid_artifact"))
+            keys = ("invalid_rows", "invalid_artifact")
+            _place(task, result, invalid_file, "jsonl", True, keys, None)
     return result
 
 
@@ -324,7 +331,10 @@ def _place(
     fmt: str,
     want_inline: bool,
     keys: tuple[str, str],
+    rows: int | None,
 ) -> None:
+    """Put the rows of ``file`` in ``result`` inline, or store them as an artifact; ``rows``:
+    how many there are, when known (else the JSON Lines are counted)."""
     inline_key, artifact_key = keys
     size = file.tell()
     file.seek(0)
@@ -332,7 +342,6 @@ def _place(
     if want_inline and size <= limit:
         result[inline_key] = [json.loads(line) for line in file if line.strip()]
         return
-    lines = _count_lines(file) if fmt == "jsonl" else None
     if want_inline:
         TaskLog.objects.create(
             task=task,
@@ -341,7 +350,8 @@ def _place(
             "an artifact (JSON Lines)",
             data={"bytes": size, "attempt": task.attempt},
         )
-    rows = lines if lines is not None else result["stats"].get("rows_out", 0)
+    if rows is None:
+        rows = _count_lines(file)
     label = "rows" if inline_key == "rows" else "invalid"
     artifact = artifacts.artifact_create(task=task, fmt=fmt, file=file, rows=rows, label=label)
     result[artifact_key] = artifacts.describe(artifact)

@@ -56,7 +56,7 @@ def execute_task(
             # The database is restarting or unreachable: drop the broken connection (Celery
             # keeps connections across tasks), wait and try again; the row is unchanged.
             close_broken_connections()
-            countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+            countdown = _io_backoff(self.request.retries)
             logger.warning("database unavailable for task %s, retrying in %ss", task_id, countdown)
             raise self.retry(exc=exc, countdown=countdown) from exc
         _log_outcome(outcome, (time.monotonic() - started) * 1000)
@@ -85,8 +85,8 @@ def data_batch_task(self: CeleryTask, task_id: str, index: int) -> str:
         except (OSError, OperationalError, InterfaceError) as exc:
             close_broken_connections()
             if self.request.retries >= BATCH_RETRIES:
-                return batches.batch_failed_by_id(task_id, index, f"{type(exc).__name__}: {exc}")
-            countdown = min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
+                return batches.batch_failed(task_id, index, f"{type(exc).__name__}: {exc}")
+            countdown = _io_backoff(self.request.retries)
             logger.warning(
                 "batch %s of task %s: %s; retrying in %ss", index, task_id, exc, countdown
             )
@@ -103,9 +103,7 @@ def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
             outcome = batches.merge_run(task_id, attempt)
         except (OSError, OperationalError, InterfaceError) as exc:
             close_broken_connections()
-            raise self.retry(
-                exc=exc, countdown=min(DB_RETRY_CAP_S, 2 ** min(self.request.retries, 4))
-            ) from exc
+            raise self.retry(exc=exc, countdown=_io_backoff(self.request.retries)) from exc
         if outcome == "waiting":
             # A batch redelivered after its result was stored counts twice in the chord: the
             # rows, not the chord, say when all are done. Past the waits, the lease decides.
@@ -113,6 +111,11 @@ def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
                 raise self.retry(countdown=1)
         logger.info("merge of task %s: %s", task_id, outcome)
         return outcome
+
+
+def _io_backoff(retries: int) -> int:
+    """Seconds before trying again after the database or the storage failed: 1, 2, 4, 8, 10."""
+    return min(DB_RETRY_CAP_S, 2 ** min(retries, 4))
 
 
 def _log_outcome(outcome: worker.Outcome, duration_ms: float) -> None:

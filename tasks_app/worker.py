@@ -78,13 +78,13 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         return Outcome("cancelled", "cancel requested before start")
     spec = registry.get(task.type)
     if spec is None:
-        return _finish_failed(task, f"no handler registered for type {task.type}", retryable=False)
+        return finish_failed(task, f"no handler registered for type {task.type}", retryable=False)
     if task.workflow_run_id is not None:
         # A workflow step's payload was completed by $ref values when it started: check it now.
         problems = spec.validate(task.payload)
         if problems:
             detail = "; ".join(f"{path or '(root)'}: {message}" for path, message in problems)
-            return _finish_failed(task, f"invalid payload after $ref: {detail}", retryable=False)
+            return finish_failed(task, f"invalid payload after $ref: {detail}", retryable=False)
     try:
         result = spec.func(TaskContext(task), task.payload)
     except TaskCancelled:
@@ -92,24 +92,24 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     except Deferred as exc:
         return Outcome("deferred", str(exc))
     except SoftTimeLimitExceeded:
-        return _finish_failed(
+        return finish_failed(
             task,
             f"timed out after {task.timeout_s}s",
             retryable=True,
             failure_class=FailureClass.TIMEOUT,
         )
     except RetryableError as exc:
-        return _finish_failed(task, str(exc), retryable=True, retry_after=exc.retry_after)
+        return finish_failed(task, str(exc), retryable=True, retry_after=exc.retry_after)
     except PermanentError as exc:
-        return _finish_failed(task, str(exc), retryable=False)
+        return finish_failed(task, str(exc), retryable=False)
     except (OperationalError, InterfaceError) as exc:
         # The database went away under the handler (a restart): transient, so a retry; if it
         # is still away, recording this raises and the message is retried instead.
-        return _finish_failed(task, f"database unavailable: {exc}", retryable=True)
+        return finish_failed(task, f"database unavailable: {exc}", retryable=True)
     except Exception as exc:
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
         logger.exception("handler %s raised", task.type)
-        return _finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
+        return finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
     return finish_completed(task, result)
 
 
@@ -118,9 +118,9 @@ def finish_completed(task: Task, result: Any) -> Outcome:
     try:
         json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        return _finish_failed(task, f"result is not JSON: {exc}", retryable=False)
+        return finish_failed(task, f"result is not JSON: {exc}", retryable=False)
     if _contains_nul(result):  # PostgreSQL's jsonb cannot store NUL characters
-        return _finish_failed(task, "result contains a NUL character (\\u0000)", retryable=False)
+        return finish_failed(task, "result contains a NUL character (\\u0000)", retryable=False)
     if _finishing(task, lambda: state.complete(task.id, task.attempt, result)):
         return Outcome("completed")
     return Outcome("stale", "completion discarded: the task had moved on")
@@ -132,12 +132,7 @@ def finish_cancelled(task: Task) -> Outcome:
     return Outcome("stale", "cancelled, but the task had moved on")
 
 
-def finish_failed(task: Task, error: str, *, retryable: bool) -> Outcome:
-    """Record a failed attempt of a deferred task: a retry while retries remain, else FAILED."""
-    return _finish_failed(task, error, retryable=retryable)
-
-
-def _finish_failed(
+def finish_failed(
     task: Task,
     error: str,
     *,
@@ -145,6 +140,8 @@ def _finish_failed(
     retry_after: float | None = None,
     failure_class: str = FailureClass.RETRIES_EXHAUSTED,
 ) -> Outcome:
+    """Record a failed attempt (also of a deferred task, by its merge): a retry after backoff
+    while retries remain and the error is retryable, else FAILED with its failure class."""
     # PostgreSQL text cannot hold NUL; an error message must never make its own write fail.
     error = error.replace("\x00", "\\0")[:MAX_ERROR_CHARS]
     if retryable and task.retries < task.max_retries:

@@ -218,6 +218,29 @@ def kill_pool_child(worker: Proc) -> int | None:
     return pid
 
 
+def kill_round(
+    workers: list[Proc],
+    spawn: Any,
+    rng: random.Random,
+    kills: dict[str, int],
+    in_flight: list[int],
+    task_type: str | None = None,
+) -> None:
+    """Fault 1's round: a second in, a pool child SIGKILLed; a second later a whole worker
+    SIGKILLed and started again. Counts what was unfinished before each kill in ``in_flight``
+    and the kills in ``kills`` (``"pool child"``, ``"whole worker"``)."""
+    time.sleep(1.0)
+    in_flight.append(unfinished_tasks(task_type))
+    if kill_pool_child(rng.choice(workers)) is not None:
+        kills["pool child"] += 1
+    time.sleep(1.0)
+    in_flight.append(unfinished_tasks(task_type))
+    victim = rng.randrange(len(workers))
+    workers[victim].kill(signal.SIGKILL)
+    kills["whole worker"] += 1
+    workers[victim] = spawn("worker", **FAST_RECOVERY)
+
+
 # --- RabbitMQ: the session's own vhost only ----------------------------------------------------
 
 

@@ -8,7 +8,6 @@ counted twice or lost by a redelivery would show in the aggregates.
 from __future__ import annotations
 
 import random
-import signal
 import time
 
 import pytest
@@ -61,16 +60,7 @@ def test_data_pipelines_survive_sigkills_with_exact_results(api, spawn):
         accepted += ids
         filler = [workload.noop_task(ms) for ms in workload.sleeps(FILLER, 0, filler_ms)]
         accepted += workload.submit_bulk(api, filler)
-        time.sleep(1.0)
-        in_flight.append(harness.unfinished_tasks("DATA_PROCESSING"))
-        if harness.kill_pool_child(rng.choice(workers)) is not None:
-            kills["pool child"] += 1
-        time.sleep(1.0)
-        in_flight.append(harness.unfinished_tasks("DATA_PROCESSING"))
-        victim = rng.randrange(len(workers))
-        workers[victim].kill(signal.SIGKILL)
-        kills["whole worker"] += 1
-        workers[victim] = spawn("worker", **FAST_RECOVERY)
+        harness.kill_round(workers, spawn, rng, kills, in_flight, "DATA_PROCESSING")
 
     # then every pipeline completes once, with exactly the output of its input
     found = invariants.settle_and_check(WINDOW_S, accepted=accepted)

@@ -7,7 +7,6 @@ workflow, five rounds of (one pool child SIGKILLed, one whole worker SIGKILLed a
 from __future__ import annotations
 
 import random
-import signal
 import time
 
 import pytest
@@ -46,16 +45,7 @@ def test_sigkilled_workers_lose_nothing_and_complete_nothing_twice(api, spawn):
     kills = {"pool child": 0, "whole worker": 0}
     rng = random.Random(1)
     for _ in range(ROUNDS):
-        time.sleep(1.0)
-        in_flight.append(harness.unfinished_tasks())
-        if harness.kill_pool_child(rng.choice(workers)) is not None:
-            kills["pool child"] += 1
-        time.sleep(1.0)
-        in_flight.append(harness.unfinished_tasks())
-        victim = rng.randrange(len(workers))
-        workers[victim].kill(signal.SIGKILL)
-        kills["whole worker"] += 1
-        workers[victim] = spawn("worker", **FAST_RECOVERY)
+        harness.kill_round(workers, spawn, rng, kills, in_flight)
 
     # then every task and run completes once, and nothing is left behind
     found = invariants.settle_and_check(WINDOW_S, accepted=accepted)

@@ -413,3 +413,17 @@ def test_a_single_staged_batch_is_not_run_once_a_cancel_is_requested(api, monkey
     # when the attempt goes on, then it ends CANCELLED, not COMPLETED
     assert _run(task).status == "cancelled"
     assert task.status == TaskStatus.CANCELLED
+
+
+def test_work_of_a_task_that_completed_in_its_own_attempt_goes_at_the_next_sweep(api):
+    # given a one-batch task from an artifact, completed in its own attempt
+    first = _created(api, {"records": PEOPLE[:3], "operations": [], "output": "artifact"})
+    _run(first)
+    task = _created(api, {"source": {"task": str(first.id)}, "operations": []})
+    assert _run(task).status == "completed"
+    assert DataJob.objects.filter(task=task).exists()
+
+    # when beat's sweep runs, then its staged work is gone at once (no grace)
+    artifacts.expire()
+    assert not DataJob.objects.filter(task=task).exists()
+    assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
