@@ -18,7 +18,12 @@ from rest_framework.views import APIView
 
 from queueworker import broker
 from tasks_app import selectors, services
-from tasks_app.api.serializers import BoundedListField, StrictSerializer, TaskOutput
+from tasks_app.api.serializers import (
+    BoundedListField,
+    StrictSerializer,
+    TaskOutput,
+    check_payload,
+)
 from tasks_app.models import DeadLetterMessage, FailureClass, Task
 
 
@@ -52,7 +57,8 @@ class RedriveInput(StrictSerializer):
     )
     all = serializers.BooleanField(required=False, default=False)
     payload = serializers.JSONField(
-        required=False, help_text="Replaces the payload of every redriven task (audited)."
+        required=False,
+        help_text="Replaces the payload of every redriven task (audited); checked as at create.",
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -104,12 +110,25 @@ class DeadLetterViewSet(viewsets.GenericViewSet):
                 queryset = queryset.filter(type=where["type"])
             if where.get("failed_after"):
                 queryset = queryset.filter(finished_at__gte=where["failed_after"])
+        tasks = list(queryset)
+        payload = data.get("payload")
+        if payload is not None:
+            _check_new_payload(tasks, payload)
         requeued = services.dead_letter_redrive(
-            tasks=list(queryset),
-            by=request.user.get_username(),
-            payload=body.validated_data.get("payload"),
+            tasks=tasks, by=request.user.get_username(), payload=payload
         )
         return Response({"redriven": len(requeued)}, status=status.HTTP_202_ACCEPTED)
+
+
+def _check_new_payload(tasks: list[Task], payload: Any) -> None:
+    """A replacement payload passes the create rules for every task it is given to: each task's
+    type, its own ``timeout_s`` and its owner (whose artifacts and tasks it may reference)."""
+    seen: set[tuple[str, int, Any]] = set()
+    for task in tasks:
+        key = (task.type, task.timeout_s, task.owner_id)
+        if key not in seen:
+            seen.add(key)
+            check_payload(task.type, payload, timeout_s=task.timeout_s, owner=task.owner)
 
 
 class QueueOutput(serializers.Serializer):

@@ -62,6 +62,24 @@ def payload_errors(
     return [f"{path}: {message}" if path else message for path, message in problems]
 
 
+def check_payload(task_type: str, payload: Any, *, timeout_s: int, owner: Any) -> None:
+    """Apply the create rules of ``task_type`` to ``payload``: its schema, its cross-field checks
+    (the HTTP destination guard, secret references), the rules against the task's ``timeout_s``
+    and against ``owner``. Raises a 400 naming ``payload`` (or ``type``, if not registered).
+
+    Create and every other path that writes a payload (a redrive that edits it) call this, so
+    that no payload reaches a worker unchecked.
+    """
+    spec = registry.get(task_type)
+    if spec is None:
+        raise serializers.ValidationError({"type": [f"Unknown task type '{task_type}'."]})
+    problems = spec.validate(payload, timeout_s=timeout_s, owner=owner)
+    if problems:
+        raise serializers.ValidationError(
+            {"payload": payload_errors(problems, document=spec.document)}
+        )
+
+
 class TaskCreateInput(StrictSerializer):
     type = serializers.CharField(max_length=64, help_text="A registered task type, e.g. NOOP.")
     payload = serializers.JSONField(
@@ -143,17 +161,13 @@ class TaskCreateInput(StrictSerializer):
             raise serializers.ValidationError(
                 {"delay_ms": ["Give scheduled_at or delay_ms, not both."]}
             )
-        spec = registry.get(attrs["type"])
-        assert spec is not None  # validate_type ran first
-        timeout_s = attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S)
         request = self.context.get("request")
-        problems = spec.validate(
-            attrs.get("payload", {}), timeout_s=timeout_s, owner=getattr(request, "user", None)
+        check_payload(
+            attrs["type"],
+            attrs.get("payload", {}),
+            timeout_s=attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
+            owner=getattr(request, "user", None),
         )
-        if problems:
-            raise serializers.ValidationError(
-                {"payload": payload_errors(problems, document=spec.document)}
-            )
         return attrs
 
     def to_spec(self, *, idempotency_key: str | None = None) -> TaskSpec:

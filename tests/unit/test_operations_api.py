@@ -88,6 +88,49 @@ def test_redrive_refuses_ambiguous_or_bad_selections(staff_user, client_for, bod
     )
 
 
+@pytest.mark.parametrize(
+    ("task_type", "payload", "field"),
+    [
+        ("HTTP_REQUEST", {"url": "http://127.0.0.1:8080/admin"}, "url"),  # the SSRF guard
+        ("HTTP_REQUEST", {"url": "https://example.com/", "timeout_s": 60}, "timeout_s"),
+        ("NOOP", {"sleep_ms": -1}, "sleep_ms"),
+    ],
+)
+def test_redrive_with_a_payload_create_refuses_answers_400_and_changes_nothing(
+    user, staff_user, client_for, task_type, payload, field
+):
+    # given a dead task whose own timeout_s is 30
+    dead = _dead(user, type=task_type, payload={"url": "https://example.com/"})
+
+    # when staff redrive it with a payload that create would refuse
+    response = client_for(staff_user).post(
+        "/api/queues/dead-letter/redrive/",
+        {"task_ids": [str(dead.pk)], "payload": payload},
+        format="json",
+    )
+
+    # then 400 names the field, and the task is as it was
+    assert response.status_code == 400
+    assert field in response.json()["payload"]
+    dead.refresh_from_db()
+    assert dead.status == TaskStatus.FAILED
+    assert dead.payload == {"url": "https://example.com/"}
+
+
+def test_redrive_with_a_valid_payload_replaces_it(user, staff_user, client_for):
+    dead = _dead(user, type="NOOP")
+
+    response = client_for(staff_user).post(
+        "/api/queues/dead-letter/redrive/",
+        {"task_ids": [str(dead.pk)], "payload": {"sleep_ms": 5}},
+        format="json",
+    )
+
+    assert response.status_code == 202 and response.json() == {"redriven": 1}
+    dead.refresh_from_db()
+    assert dead.status == TaskStatus.PENDING and dead.payload == {"sleep_ms": 5}
+
+
 def test_admin_redrive_action_requeues_failed_tasks_only(client, staff_user):
     dead = _dead(staff_user)
     done = TaskFactory(owner=staff_user, status=TaskStatus.COMPLETED)
