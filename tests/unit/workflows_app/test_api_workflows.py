@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from workflows_app.models import Workflow, WorkflowVersion
@@ -176,7 +178,7 @@ def test_run_of_an_inactive_workflow_is_a_409_and_bad_input_a_400(api, no_broker
     api.patch(f"/api/workflows/{workflow_id}/", {"is_active": False}, format="json")
     inactive = api.post(f"/api/workflows/{workflow_id}/runs/", {"input": {"sku": 1}}, format="json")
 
-    assert bad.status_code == 400 and bad.json() == {"input": ["'sku' is a required property"]}
+    assert bad.status_code == 400 and bad.json() == {"input": ['"sku" is a required property']}
     assert inactive.status_code == 409
     assert api.get("/api/workflow-runs/").json()["results"] == []
 
@@ -198,3 +200,71 @@ def test_runs_are_listed_filtered_cancelled_and_scoped(api, client_for, no_broke
     assert again.status_code == 409 and retry.status_code == 409
     assert other.get(f"/api/workflow-runs/{run_id}/").status_code == 404
     assert other.post(f"/api/workflow-runs/{run_id}/cancel/").status_code == 404
+
+
+# --- input_schema patterns ---------------------------------------------------------------------
+
+NESTED_QUANTIFIER = "^(\\w+\\s?)*$"  # exponential on a backtracking engine
+
+
+def test_run_input_against_a_backtracking_pattern_answers_within_a_second(api, no_broker):
+    # given a pattern that a backtracking engine needs ~2**40 steps to reject on this input
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": NESTED_QUANTIFIER}},
+    }
+    workflow_id = _create(api, input_schema=schema).json()["id"]
+
+    # when
+    started = time.monotonic()
+    response = api.post(
+        f"/api/workflows/{workflow_id}/runs/", {"input": {"name": "a" * 39 + "!"}}, format="json"
+    )
+    elapsed = time.monotonic() - started
+
+    # then the input is refused with its path, in linear time
+    assert response.status_code == 400
+    assert response.json()["input"][0].startswith("name: ")
+    assert elapsed < 1.0
+    ok = api.post(
+        f"/api/workflows/{workflow_id}/runs/", {"input": {"name": "a b c"}}, format="json"
+    )
+    assert ok.status_code == 201, ok.content
+
+
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        pytest.param(
+            {"properties": {"name": {"type": "string", "pattern": "^(?=a)\\w+$"}}},
+            'properties.name.pattern: "^(?=a)\\\\w+$" is not a supported regular expression',
+            id="look-ahead",
+        ),
+        pytest.param(
+            {"properties": {"name": {"pattern": "^(a)\\1$"}}},
+            'properties.name.pattern: "^(a)\\\\1$" is not a supported regular expression',
+            id="backreference",
+        ),
+        pytest.param(
+            {"patternProperties": {"(?<!x)y": {}}},
+            'patternProperties.(?<!x)y: "(?<!x)y" is not a supported regular expression',
+            id="pattern-properties",
+        ),
+    ],
+)
+def test_input_schema_pattern_the_linear_engine_cannot_run_is_a_400_with_its_path(
+    api, schema, problem
+):
+    response = _create(api, input_schema=schema)
+
+    assert response.status_code == 400
+    (message,) = response.json()["input_schema"]
+    assert message.startswith(problem), message
+    assert Workflow.objects.count() == 0
+
+
+def test_input_schema_with_a_remote_ref_is_refused_without_fetching_it(api):
+    response = _create(api, input_schema={"$ref": "http://127.0.0.1:9/schema.json"})
+
+    assert response.status_code == 400
+    assert "Retrieval is disabled" in response.json()["input_schema"][0]

@@ -266,7 +266,7 @@ def test_inactive_workflow_refuses_runs_and_input_schema_is_checked(user):
     )
     with pytest.raises(InvalidInput) as excinfo:
         services.run_start(workflow=wf, owner=user, input={"sku": 5})
-    assert excinfo.value.detail == {"input": ["sku: 5 is not of type 'string'"]}
+    assert excinfo.value.detail == {"input": ['sku: 5 is not of type "string"']}
 
     services.workflow_update(workflow=wf, by=user, is_active=False)
     wf.refresh_from_db()
