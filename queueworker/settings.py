@@ -14,7 +14,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 from queueworker import messaging
-from queueworker.config import Env
+from queueworker.config import Env, local_secret_key
 from tasks_app.http import guard as http_guard
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -24,11 +24,16 @@ VAR_DIR = Path(env.str("QW_VAR_DIR", str(BASE_DIR / "var")))
 
 # --- Django core -------------------------------------------------------------------------------
 DEBUG = env.bool("DJANGO_DEBUG", False)
-SECRET_KEY = env.str(
-    "DJANGO_SECRET_KEY",
-    # Django's own ``check --deploy`` flags this key; compose and the manifests require a real one.
-    "django-insecure-queueworker-development-key-change-me-0123456789abcdef",
-)
+# Required wherever the service is deployed. Only the embedded demo (no DATABASE_URL) and DEBUG
+# development make one of their own, once per installation, in QW_VAR_DIR: none is public.
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env.str("DATABASE_URL", ""):
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set (nor DJANGO_SECRET_KEY_FILE). Set it to a long random "
+            "value, e.g. from: python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    SECRET_KEY = local_secret_key(VAR_DIR / "secret-key")
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 # Behind a proxy that terminates TLS (an ingress, a load balancer) and sets X-Forwarded-Proto on
