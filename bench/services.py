@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -346,6 +347,7 @@ class Isolation:
         )
     )
     log_dir: Path = field(init=False)
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(50))
     vhost_created: bool = False
     database_created: bool = False
 
@@ -372,6 +374,8 @@ class Isolation:
             CELERY_BROKER_URL=self.broker_url,
             DJANGO_SETTINGS_MODULE="queueworker.settings",
             QW_VAR_DIR=str(self.log_dir / "var"),
+            # The run's own: settings refuse to start without one on PostgreSQL with DEBUG off.
+            DJANGO_SECRET_KEY=env.get("DJANGO_SECRET_KEY") or self.secret_key,
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
         )

@@ -12,11 +12,13 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management.utils import get_random_secret_key
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -140,3 +142,29 @@ def _bounded(name: str, number: N, minimum: N | None, maximum: N | None) -> N:
     if maximum is not None and number > maximum:
         raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {number}")
     return number
+
+
+def local_secret_key(path: Path) -> str:
+    """This installation's own secret key, made once and kept in ``path`` (mode 0600).
+
+    For the embedded demo and DEBUG development, which start with nothing configured: every
+    process on the host (web, worker, beat) reads the same key, and no two installations share
+    one. The key is written under a temporary name and hard-linked into place, so processes
+    that start together all end up with the first one made.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # 0600
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(get_random_secret_key())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        finally:
+            os.unlink(temporary)
+    key = path.read_text().strip()
+    if not key:
+        raise ImproperlyConfigured(f"{path} is empty: delete it to make a new secret key")
+    return key

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from queueworker.config import Env
+from queueworker.config import Env, local_secret_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -244,3 +245,69 @@ def test_settings_with_bad_value_exit_naming_variable():
     assert proc.returncode != 0
     assert "ImproperlyConfigured" in proc.stderr
     assert "QW_LEASE_SECONDS must be an integer, got 'abc'" in proc.stderr
+
+
+# --- the secret key --------------------------------------------------------------------------
+
+
+def _load_settings(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import os; os.environ['DJANGO_SETTINGS_MODULE']='queueworker.settings'; "
+        "from django.conf import settings; print(settings.SECRET_KEY)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _without_secret_key(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_SECRET_KEY")}
+    return {**env, **overrides}
+
+
+def test_settings_without_secret_key_in_a_deployment_refuse_to_start(tmp_path):
+    # given DEBUG off, a real database, and no DJANGO_SECRET_KEY
+    env = _without_secret_key(DJANGO_DEBUG="false", QW_VAR_DIR=str(tmp_path))
+
+    # when Django reads its settings
+    proc = _load_settings(env)
+
+    # then it stops, naming the variable and how to make a key
+    assert proc.returncode != 0
+    assert "ImproperlyConfigured: DJANGO_SECRET_KEY is not set" in proc.stderr
+    assert "secrets.token_urlsafe(50)" in proc.stderr
+    assert not (tmp_path / "secret-key").exists()
+
+
+def test_settings_of_the_embedded_demo_make_a_private_key_once(tmp_path):
+    # given the embedded demo: no DATABASE_URL, no key, DEBUG off
+    env = _without_secret_key(DJANGO_DEBUG="false", QW_VAR_DIR=str(tmp_path))
+    env.pop("DATABASE_URL")
+
+    # when two processes start one after the other
+    first, second = _load_settings(env), _load_settings(env)
+
+    # then both use the one key made for this installation, readable by its owner only
+    assert first.returncode == 0, first.stderr
+    key = (tmp_path / "secret-key").read_text()
+    assert first.stdout.strip() == second.stdout.strip() == key
+    assert len(key) >= 50 and "insecure" not in key
+    assert (tmp_path / "secret-key").stat().st_mode & 0o777 == 0o600
+
+
+def test_local_secret_key_processes_starting_together_agree_on_one(tmp_path):
+    path = tmp_path / "var" / "secret-key"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = set(pool.map(lambda _: local_secret_key(path), range(32)))
+
+    assert keys == {path.read_text()}
+    assert [p.name for p in path.parent.iterdir()] == ["secret-key"]  # no temporary files left
+
+
+def test_local_secret_key_empty_file_names_it(tmp_path):
+    path = tmp_path / "secret-key"
+    path.write_text("")
+
+    with pytest.raises(ImproperlyConfigured, match="secret-key is empty"):
+        local_secret_key(path)
