@@ -11,6 +11,11 @@ Two kinds of names live there:
 
 Writers stage through a local temporary file and hand it to ``Storage.save``: a local folder or
 S3 alike, and a batch in memory is never copied a second time.
+
+An owner's artifacts may hold at most ``QW_ARTIFACT_QUOTA_BYTES`` together (0: no limit),
+summed from the ``Artifact`` rows. A new artifact is checked and its row inserted under a lock
+of its owner before its file is saved, so that two tasks finishing at once cannot both slip
+under the quota; a task's staged input counts against it while the task stages it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import Storage, storages
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import Q, Sum
 from django.utils import timezone
 
+from tasks_app.errors import PermanentError
 from tasks_app.models import TERMINAL_STATUSES, Artifact, DataJob, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -92,18 +99,66 @@ def delete_tree(prefix: str) -> int:
     return deleted
 
 
+class QuotaExceeded(PermanentError):
+    """The owner's artifacts would pass ``QW_ARTIFACT_QUOTA_BYTES``: a retry cannot fix it."""
+
+    def __init__(self, quota: int) -> None:
+        super().__init__(f"artifact quota of {quota} bytes exceeded for this owner")
+
+
+def owner_bytes(owner_id: Any) -> int:
+    """The bytes of the owner's stored artifacts."""
+    total = Artifact.objects.filter(owner_id=owner_id).aggregate(total=Sum("size_bytes"))["total"]
+    return int(total or 0)
+
+
+def quota_room(owner_id: Any) -> int | None:
+    """The bytes the owner may still store (``None``: no quota); below 0 when already over."""
+    quota = settings.QW_ARTIFACT_QUOTA_BYTES
+    return quota - owner_bytes(owner_id) if quota else None
+
+
+def _lock_owner(owner_id: Any) -> None:
+    """Serialise the quota check and insert of one owner's artifacts (until the commit)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"artifact-quota:{owner_id}"]
+        )
+
+
 def artifact_create(
     *, task: Task, fmt: str, file: IO[bytes], rows: int, label: str = "rows"
 ) -> Artifact:
-    """Store the whole of ``file`` (``rows`` rows in ``fmt``) as an output of ``task``."""
-    artifact = Artifact(owner_id=task.owner_id, task=task, format=fmt, rows=rows)
-    artifact.name, artifact.size_bytes = save(
-        f"results/{task.id}/{label}-{artifact.id}.{fmt}", file
-    )
+    """Store the whole of ``file`` (``rows`` rows in ``fmt``) as an output of ``task``.
+
+    Raises ``QuotaExceeded`` (nothing stored) when it would pass the owner's quota.
+    """
+    size = file.seek(0, 2)
+    artifact = Artifact(owner_id=task.owner_id, task=task, format=fmt, rows=rows, size_bytes=size)
+    artifact.name = f"results/{task.id}/{label}-{artifact.id}.{fmt}"
     artifact.content_type = CONTENT_TYPES.get(fmt, "application/octet-stream")
     artifact.expires_at = timezone.now() + timedelta(days=settings.QW_ARTIFACT_TTL_DAYS)
-    artifact.save(force_insert=True)
+    with transaction.atomic():
+        _lock_owner(task.owner_id)
+        room = quota_room(task.owner_id)
+        if room is not None and size > room:
+            raise QuotaExceeded(settings.QW_ARTIFACT_QUOTA_BYTES)
+        artifact.save(force_insert=True)  # the row reserves its bytes before the file exists
+    try:
+        name, artifact.size_bytes = save(artifact.name, file)
+    except BaseException:
+        artifact.delete()
+        raise
+    if name != artifact.name:
+        artifact.name = name
+        Artifact.objects.filter(pk=artifact.pk).update(name=name)
     return artifact
+
+
+def artifact_delete(artifact: Artifact) -> None:
+    """Delete an artifact's file and row."""
+    storage().delete(artifact.name)
+    artifact.delete()
 
 
 def describe(artifact: Artifact) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 1. Stage (the task's own attempt): stream the source and write it as batches of
    ``batch_size`` rows (Arrow IPC files in the artifacts storage), one ``DataBatch`` row each,
    under one ``DataJob``. A small inline input skips all this and runs in the attempt itself.
+   The ``DataJob`` row exists before the first file is written (with ``batches`` 0 until the
+   staging is recorded), so the expiry sweep finds the files of an attempt that died while
+   staging. At most ``QW_DATA_MAX_BATCHES`` batches: a larger input gets a larger batch size
+   (the result is the same whatever the batching). The staged bytes count against the
+   owner's artifact quota while they are written.
 2. Fan out: a chord of ``data_batch_task`` (one per batch not yet DONE) whose callback is
    ``data_merge_task``. The attempt then ends ``Deferred``: the task stays PROCESSING.
 3. Each batch runs the row-wise part of the pipeline and writes its output; its row turns DONE
@@ -32,7 +37,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from tasks_app import artifacts, data, sources, state, worker
 from tasks_app.errors import Deferred, PermanentError, RetryableError
-from tasks_app.models import BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
+from tasks_app.models import Artifact, BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     operations = payload.get("operations", [])
     batch_size = payload.get("batch_size", settings.QW_DATA_BATCH_SIZE)
     job = DataJob.objects.filter(task=task).first()
-    if job is None:
+    if job is None or job.batches == 0:  # not staged, or its staging never finished
         with sources.opened(task, payload) as source:
             if source.records is not None and len(source.records) <= batch_size:
                 plan = _run(lambda: data.Plan.from_operations(operations))
@@ -96,49 +101,100 @@ def _run(step: Any) -> Any:
 def stage(task: Task, source: sources.Source, batch_size: int) -> DataJob:
     """Write the source as batch files and record them; a concurrent attempt's staging wins."""
     prefix = f"{artifacts.work_prefix(task.id)}/a{task.attempt}"
-    schema: Any = None
-    frames: Iterable[pl.DataFrame]
-    if source.records is not None:
-        schema = _run(lambda: data.infer_schema(source.records or []))
-        frames = (
-            data.frame_from_records(chunk, schema) for chunk in _chunks(source.records, batch_size)
-        )
-    elif source.fmt == "csv":
-        assert source.file is not None
-        frames = data.iter_csv_frames(source.file, batch_size)
-    else:
-        assert source.file is not None
-        # Column types are decided over the whole input: one pass to learn them, one to split.
-        fmt: Literal["json", "jsonl"] = "jsonl" if source.fmt == "jsonl" else "json"
-        schema = _run(lambda: data.infer_schema(data.iter_json_records(source.file, fmt)))
-        source.file.seek(0)
-        rows = data.iter_json_records(source.file, fmt)
-        frames = (data.frame_from_records(chunk, schema) for chunk in _chunks(rows, batch_size))
-    batches: list[DataBatch] = []
-    first_row = 0
-    for index, frame in enumerate(_run(lambda: _reading(frames))):
-        name, _ = artifacts.write(f"{prefix}/in/{index:06d}.arrow", frame.write_ipc)
-        batches.append(DataBatch(index=index, first_row=first_row, rows=frame.height, source=name))
-        first_row += frame.height
-    if not batches:  # an empty input is one empty batch: the pipeline still runs and reports
-        name, _ = artifacts.write(f"{prefix}/in/000000.arrow", pl.DataFrame().write_ipc)
-        batches.append(DataBatch(index=0, first_row=0, rows=0, source=name))
+    DataJob.objects.get_or_create(task=task, defaults={"batches": 0, "rows_in": 0})
+    try:
+        schema, frames = _frames(task, source, batch_size)
+        batches = _write_batches(task, frames, prefix)
+    except Exception:
+        artifacts.delete_tree(prefix)  # a hard kill leaves them to the sweep, by the DataJob
+        raise
+    rows_in = sum(batch.rows for batch in batches)
     with transaction.atomic():
-        job, created = DataJob.objects.get_or_create(
-            task=task,
-            defaults={
-                "batches": len(batches),
-                "rows_in": first_row,
-                "schema": schema.to_json() if schema is not None else None,
-            },
+        job, _ = DataJob.objects.select_for_update().get_or_create(
+            task=task, defaults={"batches": 0, "rows_in": 0}
         )
-        if created:
+        won = job.batches == 0
+        if won:
+            job.batches, job.rows_in = len(batches), rows_in
+            job.schema = schema.to_json() if schema is not None else None
+            job.save(update_fields=["batches", "rows_in", "schema"])
             for batch in batches:
                 batch.job = job
             DataBatch.objects.bulk_create(batches)
-    if not created:
+    if not won:
         artifacts.delete_tree(prefix)
     return job
+
+
+def _frames(task: Task, source: sources.Source, batch_size: int) -> tuple[Any, Iterable[Any]]:
+    """The source's column types (``None``: read as text) and its batches as frames."""
+    if source.records is not None:
+        given = source.records
+        schema = _run(lambda: data.infer_schema(given))
+        size = _capped_batch_size(task, len(given), batch_size)
+        return schema, (data.frame_from_records(chunk, schema) for chunk in _chunks(given, size))
+    file = source.file
+    assert file is not None
+    if source.fmt == "csv":
+        # A row takes at least one byte: count the lines only when the bytes could pass the cap.
+        length = file.seek(0, 2)
+        file.seek(0)
+        rows = length
+        if length > batch_size * settings.QW_DATA_MAX_BATCHES:
+            rows = _count_lines(file) + 1
+        return None, data.iter_csv_frames(file, _capped_batch_size(task, rows, batch_size))
+    # Column types are decided over the whole input: one pass to learn them, one to split.
+    fmt: Literal["json", "jsonl"] = "jsonl" if source.fmt == "jsonl" else "json"
+    seen = 0
+
+    def counted(records: Iterable[Any]) -> Iterator[Any]:
+        nonlocal seen
+        for record in records:
+            seen += 1
+            yield record
+
+    schema = _run(lambda: data.infer_schema(counted(data.iter_json_records(file, fmt))))
+    file.seek(0)
+    size = _capped_batch_size(task, seen, batch_size)
+    records = data.iter_json_records(file, fmt)
+    return schema, (data.frame_from_records(chunk, schema) for chunk in _chunks(records, size))
+
+
+def _capped_batch_size(task: Task, rows: int, batch_size: int) -> int:
+    """``batch_size``, or more so that ``rows`` (an upper bound) make at most
+    ``QW_DATA_MAX_BATCHES`` batches."""
+    cap = settings.QW_DATA_MAX_BATCHES
+    needed = -(-rows // cap)
+    if needed <= batch_size:
+        return batch_size
+    TaskLog.objects.create(
+        task=task,
+        event="batch_size_raised",
+        message=f"batch_size {batch_size} raised to {needed}: up to {rows} rows in at most "
+        f"QW_DATA_MAX_BATCHES ({cap}) batches",
+        data={"batch_size": needed, "asked": batch_size, "rows": rows, "attempt": task.attempt},
+    )
+    return needed
+
+
+def _write_batches(task: Task, frames: Iterable[pl.DataFrame], prefix: str) -> list[DataBatch]:
+    """Write each frame as a batch file; raise ``QuotaExceeded`` once they pass the owner's
+    artifact quota."""
+    room = artifacts.quota_room(task.owner_id)
+    batches: list[DataBatch] = []
+    first_row = 0
+    for index, frame in enumerate(_run(lambda: _reading(frames))):
+        name, size = artifacts.write(f"{prefix}/in/{index:06d}.arrow", frame.write_ipc)
+        batches.append(DataBatch(index=index, first_row=first_row, rows=frame.height, source=name))
+        first_row += frame.height
+        if room is not None:
+            room -= size
+            if room < 0:
+                raise artifacts.QuotaExceeded(settings.QW_ARTIFACT_QUOTA_BYTES)
+    if not batches:  # an empty input is one empty batch: the pipeline still runs and reports
+        name, _ = artifacts.write(f"{prefix}/in/000000.arrow", pl.DataFrame().write_ipc)
+        batches.append(DataBatch(index=0, first_row=0, rows=0, source=name))
+    return batches
 
 
 def _reading(frames: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
@@ -317,10 +373,15 @@ def finish_merge(
             "invalid_samples": merged.invalid_samples,
         }
         rows_out = merged.stats["rows_out"]
-        _place(task, result, rows_file, fmt, want_inline, ("rows", "artifact"), rows_out)
+        stored = _place(task, result, rows_file, fmt, want_inline, ("rows", "artifact"), rows_out)
         if collects:
             keys = ("invalid_rows", "invalid_artifact")
-            _place(task, result, invalid_file, "jsonl", True, keys, None)
+            try:
+                _place(task, result, invalid_file, "jsonl", True, keys, None)
+            except artifacts.QuotaExceeded:
+                if stored is not None:  # the task fails: it leaves no half of its output
+                    artifacts.artifact_delete(stored)
+                raise
     return result
 
 
@@ -332,16 +393,16 @@ def _place(
     want_inline: bool,
     keys: tuple[str, str],
     rows: int | None,
-) -> None:
-    """Put the rows of ``file`` in ``result`` inline, or store them as an artifact; ``rows``:
-    how many there are, when known (else the JSON Lines are counted)."""
+) -> Artifact | None:
+    """Put the rows of ``file`` in ``result`` inline, or store them as an artifact (returned);
+    ``rows``: how many there are, when known (else the JSON Lines are counted)."""
     inline_key, artifact_key = keys
     size = file.tell()
     file.seek(0)
     limit = settings.QW_DATA_INLINE_MAX_BYTES
     if want_inline and size <= limit:
         result[inline_key] = [json.loads(line) for line in file if line.strip()]
-        return
+        return None
     if want_inline:
         TaskLog.objects.create(
             task=task,
@@ -355,6 +416,7 @@ def _place(
     label = "rows" if inline_key == "rows" else "invalid"
     artifact = artifacts.artifact_create(task=task, fmt=fmt, file=file, rows=rows, label=label)
     result[artifact_key] = artifacts.describe(artifact)
+    return artifact
 
 
 def _count_lines(file: IO[bytes]) -> int:

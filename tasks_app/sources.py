@@ -2,7 +2,12 @@
 
 A URL is fetched through the HTTP_REQUEST type's guarded client (the SSRF guard checks the
 resolved address of every connection and every redirect) and streamed to a local temporary
-file, capped at ``QW_DATA_MAX_SOURCE_BYTES``: memory never holds the whole source.
+file: memory never holds the whole source. Neither the bytes received nor the bytes they
+decode to (``Content-Encoding``) may pass ``QW_DATA_MAX_SOURCE_BYTES``, and past the first
+MiB the decoded bytes may not exceed ``QW_DATA_MAX_COMPRESSION_RATIO`` times the bytes
+received: the body is read and decoded ``CHUNK_BYTES`` at a time, and the fetch stops at the
+first chunk that breaks a rule, before it is written. A small compressed body cannot fill the
+disk: a 200 KB gzip bomb stops after about 7 MiB.
 An artifact or another task's result must belong to the task's owner.
 """
 
@@ -18,6 +23,7 @@ from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
+from requests.exceptions import ChunkedEncodingError, ContentDecodingError
 
 from tasks_app import artifacts
 from tasks_app.errors import PermanentError, RetryableError
@@ -37,7 +43,8 @@ _BY_CONTENT_TYPE = {
 }
 _BY_EXTENSION = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = 64 * 1024  # urllib3 reads about this much off the wire per decoded chunk
+RATIO_FREE_BYTES = 1024 * 1024  # a body that decodes to less is never judged by its ratio
 
 
 @dataclass
@@ -89,42 +96,68 @@ def _format_of(content_type: str, url: str) -> str:
 
 @contextmanager
 def _downloaded(url: str, task: Task) -> Iterator[tuple[IO[bytes], str]]:
+    with tempfile.TemporaryFile() as file:
+        content_type = fetch(url, file, timeout_s=min(settings.QW_HTTP_TIMEOUT_S, task.timeout_s))
+        file.seek(0)
+        yield file, content_type
+
+
+def fetch(url: str, file: IO[bytes], *, timeout_s: float) -> str:
+    """Write the decoded body of ``url`` to ``file`` within the caps (see the module
+    docstring); return its Content-Type."""
     http = client.session(settings.QW_HTTP_ALLOWED_HOSTS)
     out = client.Outgoing(
-        method="GET",
-        url=url,
-        timeout_s=min(settings.QW_HTTP_TIMEOUT_S, task.timeout_s),
-        max_redirects=settings.QW_HTTP_MAX_REDIRECTS,
+        method="GET", url=url, timeout_s=timeout_s, max_redirects=settings.QW_HTTP_MAX_REDIRECTS
     )
+    try:
+        response, _ = client.open_response(http, out)
+    except DestinationRefused as exc:
+        raise PermanentError(f"source.url: {exc}") from None
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise RetryableError(f"source.url: {type(exc).__name__}: {exc}") from None
+    except (requests.RequestException, ValueError) as exc:
+        raise PermanentError(f"source.url: {exc}") from None
+    try:
+        if response.status_code in RETRY_STATUS:
+            raise RetryableError(f"source.url answered {response.status_code}")
+        if not 200 <= response.status_code < 300:
+            raise PermanentError(f"source.url answered {response.status_code}")
+        _copy_capped(response, file)
+    except (requests.ConnectionError, requests.Timeout, ChunkedEncodingError) as exc:
+        raise RetryableError(f"source.url: reading the body: {exc}") from None
+    except ContentDecodingError as exc:
+        raise PermanentError(f"source.url: cannot decode the body: {exc}") from None
+    finally:
+        response.close()
+    return response.headers.get("Content-Type", "")
+
+
+def _copy_capped(response: requests.Response, file: IO[bytes]) -> None:
     cap = settings.QW_DATA_MAX_SOURCE_BYTES
-    with tempfile.TemporaryFile() as file:
-        try:
-            response, _ = client.open_response(http, out)
-        except DestinationRefused as exc:
-            raise PermanentError(f"source.url: {exc}") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RetryableError(f"source.url: {type(exc).__name__}: {exc}") from None
-        except (requests.RequestException, ValueError) as exc:
-            raise PermanentError(f"source.url: {exc}") from None
-        try:
-            if response.status_code in RETRY_STATUS:
-                raise RetryableError(f"source.url answered {response.status_code}")
-            if not 200 <= response.status_code < 300:
-                raise PermanentError(f"source.url answered {response.status_code}")
-            size = 0
-            for chunk in response.iter_content(CHUNK_BYTES):
-                size += len(chunk)
-                if size > cap:
-                    raise PermanentError(
-                        f"source.url: larger than QW_DATA_MAX_SOURCE_BYTES ({cap} bytes)"
-                    )
-                file.write(chunk)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RetryableError(f"source.url: reading the body: {exc}") from None
-        finally:
-            response.close()
-        file.seek(0)
-        yield file, response.headers.get("Content-Type", "")
+    ratio = settings.QW_DATA_MAX_COMPRESSION_RATIO
+    too_large = f"source.url: larger than QW_DATA_MAX_SOURCE_BYTES ({cap} bytes)"
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise PermanentError(too_large)
+    decoded = 0
+    for chunk in response.iter_content(CHUNK_BYTES):
+        decoded += len(chunk)
+        received = _received(response)
+        if decoded > cap or received > cap:
+            raise PermanentError(too_large)
+        if ratio and decoded > RATIO_FREE_BYTES and decoded > ratio * received:
+            raise PermanentError(
+                f"source.url: decodes to more than QW_DATA_MAX_COMPRESSION_RATIO ({ratio}) "
+                "times the bytes received"
+            )
+        file.write(chunk)
+    if _received(response) > cap:  # a body that decodes to (almost) nothing
+        raise PermanentError(too_large)
+
+
+def _received(response: requests.Response) -> int:
+    """The bytes read off the connection so far: urllib3 counts them before decoding."""
+    return int(response.raw.tell())
 
 
 @contextmanager

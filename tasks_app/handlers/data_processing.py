@@ -21,8 +21,10 @@ from tasks_app.http.guard import check_url, parse_allowed_hosts
 def validate_payload(payload: Any) -> list[tuple[str, str]]:
     """The rules beyond the schema (the registry runs this once the schema is satisfied)."""
     problems = data.payload_problems(payload, schema_checked=True)
-    if problems or "source" not in payload:
+    if problems:
         return problems
+    if "records" in payload:
+        return _batch_count_problems(payload)
     ref = sources.reference(payload)
     if "url" in ref:
         message = check_url(ref["url"], parse_allowed_hosts(settings.QW_HTTP_ALLOWED_HOSTS))
@@ -30,6 +32,23 @@ def validate_payload(payload: Any) -> list[tuple[str, str]]:
         if message is not None:
             problems.append((path, message))
     return problems
+
+
+def _batch_count_problems(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """Inline records make a known number of batches: more than ``QW_DATA_MAX_BATCHES`` is
+    refused at create (a source's rows are counted as it is staged)."""
+    rows = len(payload["records"])
+    size = payload.get("batch_size", settings.QW_DATA_BATCH_SIZE)
+    cap = settings.QW_DATA_MAX_BATCHES
+    if rows <= size * cap:
+        return []
+    return [
+        (
+            "batch_size",
+            f"{rows} records in batches of {size} make more than QW_DATA_MAX_BATCHES ({cap}) "
+            f"batches: give a batch_size of at least {-(-rows // cap)}",
+        )
+    ]
 
 
 @register(

@@ -7,14 +7,22 @@ a storage folder of the test.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import os
+import zlib
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.utils import timezone
 
-from tasks_app import artifacts, batches, data, recovery, worker
+from tasks_app import artifacts, batches, data, recovery, sources, worker
+from tasks_app.errors import PermanentError
+from tasks_app.http.testing import LoopbackServer, Reply
 from tasks_app.models import Artifact, BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
 from tests.factories import UserFactory
 
@@ -427,3 +435,283 @@ def test_work_of_a_task_that_completed_in_its_own_attempt_goes_at_the_next_sweep
     artifacts.expire()
     assert not DataJob.objects.filter(task=task).exists()
     assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
+
+
+# --- resource caps -----------------------------------------------------------------------------
+
+
+def _gzip(block: bytes, times: int) -> bytes:
+    """``block`` repeated ``times`` times, gzipped without holding the whole in memory."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(block) for _ in range(times)]
+    return b"".join([*parts, compressor.flush()])
+
+
+@pytest.fixture
+def server(settings) -> Iterator[LoopbackServer]:
+    with LoopbackServer() as srv:
+        settings.QW_HTTP_ALLOWED_HOSTS = [srv.netloc]
+        yield srv
+
+
+def test_a_gzip_bomb_stops_at_the_compression_ratio_before_filling_the_disk(server):
+    # given 150 MiB of CSV that a 200 KB gzip body decodes to, under the default caps
+    body = _gzip(b"0\n" * (1 << 19), 150)
+    assert len(body) < 300 * 1024
+    server.script("/bomb.csv", Reply(headers={"Content-Encoding": "gzip"}, body=body))
+
+    # when it is fetched, then it is refused after a few MiB, not 150
+    written = io.BytesIO()
+    with pytest.raises(PermanentError, match="QW_DATA_MAX_COMPRESSION_RATIO"):
+        sources.fetch(server.url("/bomb.csv"), written, timeout_s=10)
+    assert written.tell() < 8 * 1024**2
+
+
+def test_a_compressed_body_stops_at_the_decoded_cap(server, settings):
+    settings.QW_DATA_MAX_COMPRESSION_RATIO = 0  # off: the decoded cap alone
+    settings.QW_DATA_MAX_SOURCE_BYTES = 3 * 1024**2
+    body = _gzip(b"0\n" * (1 << 19), 50)
+    server.script("/big.csv", Reply(headers={"Content-Encoding": "gzip"}, body=body))
+    written = io.BytesIO()
+    with pytest.raises(PermanentError, match="QW_DATA_MAX_SOURCE_BYTES"):
+        sources.fetch(server.url("/big.csv"), written, timeout_s=10)
+    assert written.tell() <= 3 * 1024**2
+
+
+def test_a_body_that_decodes_to_nothing_is_capped_on_the_bytes_received(server, settings):
+    # given 400 KB of empty gzip members: nothing decoded, every byte received
+    settings.QW_DATA_MAX_SOURCE_BYTES = 64 * 1024
+    body = gzip.compress(b"") * 20_000
+    server.script("/empty.csv", Reply(headers={"Content-Encoding": "gzip"}, body=body))
+    with pytest.raises(PermanentError, match="QW_DATA_MAX_SOURCE_BYTES"):
+        sources.fetch(server.url("/empty.csv"), io.BytesIO(), timeout_s=10)
+
+
+def test_a_source_ordinarily_compressed_is_read_whole(server):
+    rows = "".join(f"{i},name {i},{i * 7 % 13}\n" for i in range(50_000))
+    text = "id,name,score\n" + rows
+    server.script(
+        "/people.csv",
+        Reply(headers={"Content-Encoding": "gzip"}, body=gzip.compress(text.encode())),
+    )
+    written = io.BytesIO()
+    sources.fetch(server.url("/people.csv"), written, timeout_s=10)
+    assert written.getvalue() == text.encode()
+
+
+def test_the_source_cap_defaults_to_one_gib(settings):
+    if "QW_DATA_MAX_SOURCE_BYTES" in os.environ:
+        pytest.skip("QW_DATA_MAX_SOURCE_BYTES is set in the environment")
+    assert settings.QW_DATA_MAX_SOURCE_BYTES == 1024**3
+
+
+def test_inline_records_over_the_batch_cap_are_refused_naming_batch_size(api, settings):
+    settings.QW_DATA_MAX_BATCHES = 3
+    response = _create(api, {"records": PEOPLE, "operations": [], "batch_size": 5})
+    assert response.status_code == 400
+    assert any(problem.startswith("batch_size") for problem in response.json()["payload"])
+    assert "at least 9" in json.dumps(response.json()["payload"])
+    assert not Task.objects.exists()
+    assert _create(api, {"records": PEOPLE, "operations": [], "batch_size": 9}).status_code == 201
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    lines = [",".join(rows[0])] + [",".join(str(v) for v in row.values()) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "task"])
+def test_a_source_over_the_batch_cap_is_staged_in_larger_batches_with_the_same_result(
+    api, chord, server, settings, fmt, django_capture_on_commit_callbacks
+):
+    # given 25 rows from a source, batch_size 1, and at most 4 batches
+    settings.QW_DATA_MAX_BATCHES = 4
+    people = [{"id": r["id"], "email": r["email"].strip(), "country": r["country"]} for r in PEOPLE]
+    bodies = {
+        "csv": _csv(people),
+        "json": json.dumps(people),
+        "jsonl": "".join(json.dumps(row) + "\n" for row in people),
+    }
+    if fmt == "task":
+        first = _created(api, {"records": people, "operations": []})
+        _run(first)
+        source: Any = {"task": str(first.id)}
+    else:
+        server.script(f"/people.{fmt}", Reply(body=bodies[fmt]))
+        source = server.url(f"/people.{fmt}")
+    task = _created(api, {"source": source, "operations": PIPELINE, "batch_size": 1})
+
+    # when it is staged and run
+    assert _run(task).status == "deferred"
+    job = DataJob.objects.get(task=task)
+    for index in chord.sent[0]:
+        assert batches.batch_run(str(task.id), index) == "done"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert batches.merge_run(str(task.id), task.attempt) == "completed"
+
+    # then it made at most 4 batches, said so, and the result is a single run's
+    assert 1 < job.batches <= 4 and job.rows_in == 25
+    assert TaskLog.objects.filter(task=task, event="batch_size_raised").exists()
+    task.refresh_from_db()
+    reference = data.run_single(PIPELINE, data.frame_from_records(people))
+    assert task.result["rows"] == data.to_records(reference.frame)
+
+
+class Killed(BaseException):
+    """The worker process dying (SIGKILL, OOM): nothing in the process runs after it."""
+
+
+def _files_under(root: Path, task: Task) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and str(task.id) in str(path)]
+
+
+def test_a_task_whose_worker_dies_while_staging_leaves_no_files_after_the_sweep(
+    api, chord, monkeypatch, artifact_root
+):
+    # given a worker that dies after writing three of five batches
+    written = artifacts.write
+
+    def write_then_die(name, fill):
+        if len(_files_under(artifact_root, task)) == 3:
+            raise Killed
+        return written(name, fill)
+
+    task = _created(api, {"records": PEOPLE, "operations": [], "batch_size": 5})
+    monkeypatch.setattr(artifacts, "write", write_then_die)
+    with pytest.raises(Killed):
+        _run(task)
+    monkeypatch.setattr(artifacts, "write", written)
+    assert len(_files_under(artifact_root, task)) == 3
+
+    # when the task ends FAILED and beat's sweep runs after the grace
+    Task.objects.filter(pk=task.pk).update(
+        status=TaskStatus.FAILED, finished_at=timezone.now() - timedelta(hours=2)
+    )
+    artifacts.expire()
+
+    # then none of its staged files is left
+    assert _files_under(artifact_root, task) == []
+    assert not DataJob.objects.filter(task=task).exists()
+
+
+def test_a_retry_after_a_worker_died_while_staging_stages_again(
+    api, chord, monkeypatch, artifact_root, django_capture_on_commit_callbacks
+):
+    written = artifacts.write
+    calls = []
+
+    def write_then_die(name, fill):
+        calls.append(name)
+        if len(calls) == 2:
+            raise Killed
+        return written(name, fill)
+
+    task = _created(api, {"records": PEOPLE, "operations": PIPELINE, "batch_size": 10})
+    monkeypatch.setattr(artifacts, "write", write_then_die)
+    with pytest.raises(Killed):
+        _run(task)
+    monkeypatch.setattr(artifacts, "write", written)
+    Task.objects.filter(pk=task.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert recovery.expire_leases() == 1
+    Task.objects.filter(pk=task.pk).update(next_attempt_at=timezone.now())
+
+    assert _run(task).status == "deferred"
+    assert DataJob.objects.get(task=task).batches == 3
+    for index in chord.sent[0]:
+        batches.batch_run(str(task.id), index)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert batches.merge_run(str(task.id), task.attempt) == "completed"
+    task.refresh_from_db()
+    reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
+    assert task.result["rows"] == data.to_records(reference.frame)
+    assert _files_under(artifact_root, task) == []  # the dead attempt's files too
+
+
+def test_a_task_that_fails_while_staging_removes_its_files_at_once(
+    api, chord, monkeypatch, artifact_root
+):
+    written = artifacts.write
+
+    def write_or_fail(name, fill):
+        if len(_files_under(artifact_root, task)) == 2:
+            raise OSError("disk full")
+        return written(name, fill)
+
+    task = _created(api, {"records": PEOPLE, "operations": [], "batch_size": 5})
+    monkeypatch.setattr(artifacts, "write", write_or_fail)
+    assert _run(task).status == "failed"
+    assert "disk full" in task.error
+    assert _files_under(artifact_root, task) == []
+
+
+def _stored(user: Any, size: int) -> Artifact:
+    return Artifact.objects.create(
+        owner=user,
+        name=f"results/x/{size}.jsonl",
+        format="jsonl",
+        content_type="application/x-ndjson",
+        size_bytes=size,
+        expires_at=timezone.now() + timedelta(days=1),
+    )
+
+
+def test_an_artifact_past_the_owners_quota_fails_the_task_and_leaves_nothing(
+    api, user, settings, artifact_root
+):
+    # given an owner with 900 of 1,000 bytes used (and another owner far over)
+    settings.QW_ARTIFACT_QUOTA_BYTES = 1000
+    _stored(user, 900)
+    _stored(UserFactory(), 10**9)
+    task = _created(api, {"records": PEOPLE, "operations": [], "output": "artifact"})
+
+    # when its output is stored, then the task fails for good and stores nothing
+    assert _run(task).status == "failed"
+    assert task.failure_class == "non_retryable"
+    assert task.error == "artifact quota of 1000 bytes exceeded for this owner"
+    assert not Artifact.objects.filter(task=task).exists()
+    assert _files_under(artifact_root, task) == []
+
+    # and the same output is stored with no quota (0)
+    settings.QW_ARTIFACT_QUOTA_BYTES = 0
+    again = _created(api, {"records": PEOPLE, "operations": [], "output": "artifact"})
+    assert _run(again).status == "completed"
+    assert Artifact.objects.filter(task=again).exists()
+
+
+def test_staged_batches_count_against_the_owners_quota(api, user, chord, settings, artifact_root):
+    settings.QW_ARTIFACT_QUOTA_BYTES = 4000
+    _stored(user, 3000)
+    task = _created(api, {"records": PEOPLE, "operations": [], "batch_size": 5})
+    assert _run(task).status == "failed"
+    assert task.error == "artifact quota of 4000 bytes exceeded for this owner"
+    assert task.failure_class == "non_retryable"
+    assert _files_under(artifact_root, task) == []
+    assert chord.sent == []
+
+
+def test_a_second_output_past_the_quota_takes_the_first_with_it(
+    api, user, client_for, settings, artifact_root
+):
+    # given the sizes of a task's rows and invalid-rows artifacts (measured for another owner)
+    schema = {"properties": {"id": {"maximum": 4}}}
+    payload = {
+        "records": PEOPLE,
+        "operations": [{"op": "validate", "schema": schema, "on_invalid": "collect"}],
+        "output": "artifact",
+    }
+    settings.QW_DATA_INLINE_MAX_BYTES = 1024
+    measured = _created(client_for(UserFactory()), payload)
+    _run(measured)
+    rows_size = Artifact.objects.get(task=measured, name__contains="/rows-").size_bytes
+    invalid_size = Artifact.objects.get(task=measured, name__contains="/invalid-").size_bytes
+    assert rows_size > 0 and invalid_size > 0
+
+    # when the owner has room for the first but not both
+    settings.QW_ARTIFACT_QUOTA_BYTES = rows_size + invalid_size - 1
+    task = _created(api, payload)
+
+    # then the task fails and neither is left
+    assert _run(task).status == "failed"
+    assert "artifact quota" in task.error
+    assert not Artifact.objects.filter(task=task).exists()
+    assert _files_under(artifact_root, task) == []
