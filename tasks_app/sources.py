@@ -7,7 +7,7 @@ decode to (``Content-Encoding``) may pass ``QW_DATA_MAX_SOURCE_BYTES``, and past
 MiB the decoded bytes may not exceed ``QW_DATA_MAX_COMPRESSION_RATIO`` times the bytes
 received: the body is read and decoded ``CHUNK_BYTES`` at a time, and the fetch stops at the
 first chunk that breaks a rule, before it is written. A small compressed body cannot fill the
-disk: a 200 KB gzip bomb stops after about 7 MiB.
+disk: a 150 KB gzip body of 150 MiB stops after 6.25 MiB.
 An artifact or another task's result must belong to the task's owner.
 """
 

@@ -1,11 +1,13 @@
 """DATA_PROCESSING on real workers: a million-row CSV from a loopback server, a SIGKILL
-mid-chord, and a source URL that resolves inside the network."""
+mid-chord, a source URL that resolves inside the network, a gzip bomb, and a batch size of
+one row over a large source."""
 
 from __future__ import annotations
 
 import functools
 import signal
 import threading
+import zlib
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,7 +15,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks_app.models import BatchStatus, DataBatch, Task, TaskStatus
+from tasks_app.http.testing import LoopbackServer, Reply
+from tasks_app.models import BatchStatus, DataBatch, Task, TaskLog, TaskStatus
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -179,3 +182,55 @@ def test_a_source_url_that_resolves_inside_the_network_is_refused_at_fetch(
     assert task.status == TaskStatus.FAILED
     assert task.failure_class == "non_retryable"
     assert "source.url" in task.error and "127.0.0.1" in task.error
+
+
+def test_a_gzip_bomb_from_a_url_fails_for_good_and_leaves_no_files(
+    api, spawn, settings, artifact_root
+):
+    # given a 150 KB gzip body that decodes to 150 MiB of CSV
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(b"0\n" * (1 << 19)) for _ in range(150)]
+    body = b"".join([*parts, compressor.flush()])
+    with LoopbackServer() as server:
+        server.script(
+            "/bomb.csv",
+            Reply(headers={"Content-Encoding": "gzip", "Content-Type": "text/csv"}, body=body),
+        )
+        spawn("worker", QW_HTTP_ALLOWED_HOSTS=server.netloc, QW_ARTIFACT_ROOT=str(artifact_root))
+        settings.QW_HTTP_ALLOWED_HOSTS = [server.netloc]
+        task_id = _create(api, {"source": server.url("/bomb.csv"), "operations": []})
+
+        # when a worker fetches it, then the task fails at once and nothing stays on disk
+        task = _finished(task_id, timeout=60)
+    assert task.status == TaskStatus.FAILED
+    assert task.failure_class == "non_retryable"
+    assert "QW_DATA_MAX_COMPRESSION_RATIO" in task.error
+    assert not [path for path in artifact_root.rglob("*") if path.is_file()]
+
+
+def test_batch_size_one_over_a_large_source_runs_in_at_most_the_batch_cap(
+    api, spawn, files, artifact_root
+):
+    # given 30,000 rows asked in batches of 1, on workers that allow 10 batches
+    folder, base = files
+    frame = _people(30_000, folder / "people.csv")
+    spawn(
+        "worker",
+        QW_HTTP_ALLOWED_HOSTS=base.removeprefix("http://"),
+        QW_ARTIFACT_ROOT=str(artifact_root),
+        QW_DATA_MAX_BATCHES="10",
+    )
+
+    # when it runs
+    task_id = _create(
+        api,
+        {"source": f"{base}/people.csv", "operations": PIPELINE, "batch_size": 1},
+        timeout_s=120,
+    )
+    task = _finished(task_id, timeout=120)
+
+    # then it completes in at most 10 batches with the result of any batching
+    assert task.status == TaskStatus.COMPLETED, task.error
+    assert 1 < task.result["stats"]["batches"] <= 10
+    assert _by_country(task.result) == _expected(frame)
+    assert TaskLog.objects.filter(task_id=task_id, event="batch_size_raised").exists()
