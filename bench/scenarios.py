@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import requests
 
 from bench import bare_app
 from bench.services import Processes, executable, queues_consumed, wait_until
+from queueworker import messaging
 
 POLL_S = 0.5
 STALL_S = 60.0
@@ -328,8 +328,8 @@ def run_bare(
             check=child.check_alive,
         )
         with bare_app.app.connection_for_write() as conn:
-            vhost = "/" + urlsplit(broker_url).path.lstrip("/")
-            if conn.as_uri().rsplit("/", 1)[-1] != vhost.rsplit("/", 1)[-1]:
+            vhost = messaging.broker_vhost(broker_url)
+            if conn.virtual_host != vhost:
                 raise RuntimeError(f"bare app would publish to {conn.as_uri()}, not {vhost}")
         started = time.time()
         with bare_app.app.producer_or_acquire() as producer:

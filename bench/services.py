@@ -29,6 +29,8 @@ import requests
 from kombu import Connection
 from psycopg import sql
 
+from queueworker import messaging
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -364,7 +366,7 @@ class Isolation:
 
     @property
     def broker_url(self) -> str:
-        return urlunsplit(urlsplit(self.base_broker_url)._replace(path=f"/{self.name}"))
+        return messaging.with_vhost(self.base_broker_url, self.name)  # each URL of a failover list
 
     @property
     def env(self) -> dict[str, str]:

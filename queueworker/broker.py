@@ -52,8 +52,13 @@ def queue_stats(names: list[str] | None = None) -> list[QueueStats]:
 
 
 def _vhost() -> str:
-    path = urlsplit(app.conf.broker_url or "").path
-    return path[1:] if path and path != "/" else "/"
+    return messaging.broker_vhost(app.conf.broker_url or "")
+
+
+def _retries_to_try_each_url(conn: Any) -> int:
+    """``max_retries`` that gives each URL of a failover list one connect attempt: kombu moves
+    to the next URL after each failure, so 0 would never try past the first."""
+    return max(len(conn.alt), 1) - 1
 
 
 def _from_management(name: str) -> QueueStats:
@@ -95,7 +100,8 @@ def _from_declare(names: list[str]) -> list[QueueStats]:
         with app.connection_for_read(
             connect_timeout=TIMEOUT_S, heartbeat=0, transport_options=options
         ) as conn:
-            conn.ensure_connection(max_retries=0)  # one attempt, bounded by connect_timeout
+            # One attempt per URL, each bounded by connect_timeout, no sleep between them.
+            conn.ensure_connection(max_retries=_retries_to_try_each_url(conn))
             for name in names:
                 channel: Any = conn.channel()
                 try:
@@ -137,7 +143,11 @@ def cached_consumers(name: str) -> int | None:
 
 def purge(name: str) -> int:
     with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0, timeout=CONNECT_TIMEOUT_S)
+        conn.ensure_connection(
+            max_retries=max(1, _retries_to_try_each_url(conn)),
+            interval_start=0,
+            timeout=CONNECT_TIMEOUT_S,
+        )
         channel: Any = conn.channel()
         try:
             return int(channel.queue_purge(name) or 0)

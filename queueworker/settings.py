@@ -7,11 +7,14 @@ mode and kombu's ``filesystem://`` transport under ``var/``. ``DATABASE_URL`` an
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from kombu.utils.url import maybe_sanitize_url
 
 from queueworker import messaging
 from queueworker.config import Env, local_secret_key
@@ -176,7 +179,16 @@ QW_MAX_TIMEOUT_S = env.int("QW_MAX_TIMEOUT_S", 1500, minimum=1)
 QW_LEASE_SECONDS = env.int("QW_LEASE_SECONDS", 30, minimum=1)
 QW_BACKOFF_BASE_S = env.float("QW_BACKOFF_BASE_S", 2.0, minimum=0.0)
 QW_BACKOFF_CAP_S = env.float("QW_BACKOFF_CAP_S", 600.0, minimum=0.0)
-QW_ETA_MAX_SECONDS = env.int("QW_ETA_MAX_SECONDS", 60, minimum=0, maximum=600)
+# Work queues: classic (with priorities) or quorum (replicated; no priorities on RabbitMQ 3.x).
+QW_QUEUE_TYPE = env.choice("QW_QUEUE_TYPE", messaging.CLASSIC, messaging.QUEUE_TYPES)
+QW_QUEUE_DELIVERY_LIMIT = env.int(
+    "QW_QUEUE_DELIVERY_LIMIT", messaging.DEFAULT_DELIVERY_LIMIT, minimum=1
+)
+# Celery's prefetch is static on quorum queues, so a countdown held in a worker would block one
+# of its slots: there, backoffs wait in PostgreSQL and the dispatcher publishes them when due.
+QW_ETA_MAX_SECONDS = env.int(
+    "QW_ETA_MAX_SECONDS", 0 if QW_QUEUE_TYPE == messaging.QUORUM else 60, minimum=0, maximum=600
+)
 QW_REDISPATCH_SECONDS = env.int("QW_REDISPATCH_SECONDS", 300, minimum=1)
 QW_DISPATCH_INTERVAL_S = env.float("QW_DISPATCH_INTERVAL_S", 1.0, minimum=0.05)
 QW_SWEEP_INTERVAL_S = env.float("QW_SWEEP_INTERVAL_S", 5.0, minimum=0.1)
@@ -232,8 +244,14 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = QW_MAX_PAYLOAD_BYTES
 
 # --- Celery ------------------------------------------------------------------------------------
 EMBEDDED_BROKER_URL = "filesystem://localhost//"
+# One URL, or a RabbitMQ cluster's nodes as a ";"-separated failover list (kombu tries each).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", EMBEDDED_BROKER_URL)
-IS_EMBEDDED_BROKER = CELERY_BROKER_URL.startswith("filesystem:")
+_broker_schemes = {urlsplit(url).scheme for url in messaging.broker_urls(CELERY_BROKER_URL)}
+IS_EMBEDDED_BROKER = _broker_schemes == {"filesystem"}
+IS_BROKER_TLS = _broker_schemes == {"amqps"}
+if any(c.isspace() for c in CELERY_BROKER_URL):
+    # Celery reads the variable itself, unstripped: a space would become part of a host name.
+    raise ImproperlyConfigured("CELERY_BROKER_URL must not contain spaces (separate URLs by ;)")
 if IS_EMBEDDED_BROKER:
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
@@ -246,17 +264,44 @@ if IS_EMBEDDED_BROKER:
         "store_processed": False,
         "polling_interval": 0.1,
     }
-elif CELERY_BROKER_URL.startswith(("amqp:", "amqps:", "pyamqp:")):
+elif IS_BROKER_TLS or (_broker_schemes and _broker_schemes <= {"amqp", "pyamqp"}):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "max_retries": 1}
 else:
     raise ImproperlyConfigured(
-        f"CELERY_BROKER_URL must be amqp:// (RabbitMQ) or filesystem://, got {CELERY_BROKER_URL!r}"
+        "CELERY_BROKER_URL must be amqp:// or amqps:// URLs of RabbitMQ (several separated by ;, "
+        "all with TLS or none) or filesystem://, got "
+        f"{';'.join(maybe_sanitize_url(u) for u in messaging.broker_urls(CELERY_BROKER_URL))!r}"
     )
+# TLS (amqps://): the server's certificate is checked against the system's CAs, or the bundle in
+# QW_BROKER_SSL_CA, and its name against the host of the URL in use; QW_BROKER_SSL_CERT and
+# QW_BROKER_SSL_KEY give a client certificate (mutual TLS, or RabbitMQ's EXTERNAL login).
+_broker_tls_files = {
+    name: env.str(name, "")
+    for name in ("QW_BROKER_SSL_CA", "QW_BROKER_SSL_CERT", "QW_BROKER_SSL_KEY")
+}
+for _name, _path in _broker_tls_files.items():
+    if _path and not IS_BROKER_TLS:
+        raise ImproperlyConfigured(f"{_name} needs amqps:// in CELERY_BROKER_URL")
+    if _path and not Path(_path).is_file():
+        raise ImproperlyConfigured(f"{_name}: no such file {_path!r}")
+if _broker_tls_files["QW_BROKER_SSL_KEY"] and not _broker_tls_files["QW_BROKER_SSL_CERT"]:
+    raise ImproperlyConfigured("QW_BROKER_SSL_KEY needs QW_BROKER_SSL_CERT")
+if IS_BROKER_TLS:
+    CELERY_BROKER_USE_SSL: dict[str, Any] | None = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": None,  # kombu fills in the host of the URL it connects to
+        "ca_certs": _broker_tls_files["QW_BROKER_SSL_CA"] or None,
+        "certfile": _broker_tls_files["QW_BROKER_SSL_CERT"] or None,
+        "keyfile": _broker_tls_files["QW_BROKER_SSL_KEY"] or None,
+    }
+else:
+    CELERY_BROKER_USE_SSL = None
 
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_TASK_QUEUES = messaging.work_queues(QW_TYPE_ROUTES)
+CELERY_TASK_QUEUES = messaging.work_queues(QW_TYPE_ROUTES, QW_QUEUE_TYPE, QW_QUEUE_DELIVERY_LIMIT)
+CELERY_TASK_DEFAULT_QUEUE_TYPE = QW_QUEUE_TYPE
 CELERY_TASK_DEFAULT_QUEUE = messaging.DEFAULT_QUEUE
 CELERY_TASK_DEFAULT_EXCHANGE = messaging.TASKS_EXCHANGE
 CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "direct"
@@ -264,7 +309,10 @@ CELERY_TASK_DEFAULT_ROUTING_KEY = messaging.DEFAULT_QUEUE
 CELERY_TASK_CREATE_MISSING_QUEUES = False
 CELERY_TASK_ROUTES = ("queueworker.tasking.route_declared",)
 CELERY_TASK_DEFAULT_PRIORITY = 0
-CELERY_TASK_QUEUE_MAX_PRIORITY = messaging.MAX_PRIORITY
+# Celery adds x-max-priority to every queue when this is set; quorum queues refuse it.
+CELERY_TASK_QUEUE_MAX_PRIORITY = (
+    messaging.MAX_PRIORITY if QW_QUEUE_TYPE == messaging.CLASSIC else None
+)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("QW_WORKER_PREFETCH", 1, minimum=1)

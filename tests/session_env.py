@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from queueworker import messaging
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -30,13 +32,15 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _base_db = urlsplit(
     os.environ.get("QW_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
 )
-_base_broker = urlsplit(
+# One URL, or a cluster's ";"-separated failover list: every URL gets the session's vhost.
+BASE_BROKER_URL = (
     os.environ.get("QW_TEST_BROKER_URL")
     or os.environ.get("CELERY_BROKER_URL")
     or DEFAULT_BROKER_URL
 )
+_brokers = [urlsplit(url) for url in messaging.broker_urls(BASE_BROKER_URL)]
 os.environ["QW_TEST_DATABASE_URL"] = urlunsplit(_base_db)
-os.environ["QW_TEST_BROKER_URL"] = urlunsplit(_base_broker)
+os.environ["QW_TEST_BROKER_URL"] = BASE_BROKER_URL
 
 VHOST = f"qw_test_{SESSION}_{XDIST_WORKER}"
 MISSING: list[str] = []
@@ -58,14 +62,14 @@ if not _base_db.scheme.startswith("postgres") or not _reachable(
     _base_db.hostname or "127.0.0.1", _base_db.port or 5432
 ):
     MISSING.append(f"PostgreSQL at {_base_db.hostname}:{_base_db.port or 5432}")
-if not _reachable(_base_broker.hostname or "127.0.0.1", _base_broker.port or 5672):
-    MISSING.append(f"RabbitMQ at {_base_broker.hostname}:{_base_broker.port or 5672}")
+if not any(_reachable(b.hostname or "127.0.0.1", b.port or 5672) for b in _brokers):
+    MISSING.append("RabbitMQ at " + ", ".join(f"{b.hostname}:{b.port or 5672}" for b in _brokers))
 elif shutil.which("rabbitmqctl") is None:
     MISSING.append("rabbitmqctl (needed to create the session's vhost)")
 
 # The database name is the session's; pytest-django creates test_<name>[_gwN] from it.
 os.environ["DATABASE_URL"] = urlunsplit(_base_db._replace(path=f"/qw_{SESSION}"))
-os.environ["CELERY_BROKER_URL"] = urlunsplit(_base_broker._replace(path=f"/{VHOST}"))
+os.environ["CELERY_BROKER_URL"] = messaging.with_vhost(BASE_BROKER_URL, VHOST)
 os.environ.setdefault("QW_VAR_DIR", f"/tmp/qw-test-{SESSION}-{XDIST_WORKER}")
 os.environ.setdefault("DJANGO_SECRET_KEY", f"test-secret-{SESSION}")
 _vhost_created = False
@@ -77,7 +81,7 @@ def ensure_vhost() -> None:
     if _vhost_created or MISSING:
         return
     _rabbitmqctl("add_vhost", VHOST)
-    _rabbitmqctl("set_permissions", "-p", VHOST, _base_broker.username or "guest", ".*", ".*", ".*")
+    _rabbitmqctl("set_permissions", "-p", VHOST, _brokers[0].username or "guest", ".*", ".*", ".*")
     _vhost_created = True
 
 

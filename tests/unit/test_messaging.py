@@ -178,3 +178,91 @@ def test_wakeup_message_carries_ids_not_payload():
 def test_router_sends_a_declared_task_to_its_queue(project_tasks):
     route = app.amqp.router.route({}, "queueworker.execute")
     assert route["queue"].name == DECLARED["queueworker.execute"]
+
+
+# --- QW_QUEUE_TYPE -----------------------------------------------------------------------------
+
+
+def test_quorum_work_queue_has_delivery_limit_and_no_priority():
+    queue = messaging.work_queue("task.created", messaging.QUORUM, delivery_limit=7)
+
+    assert queue.durable is True
+    assert queue.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 7,
+        "x-dead-letter-exchange": "tasks.dlx",
+    }
+
+
+def test_classic_work_queue_is_the_default_with_priorities():
+    assert messaging.work_queue("task.created").queue_arguments == {
+        "x-max-priority": 9,
+        "x-dead-letter-exchange": "tasks.dlx",
+    }
+
+
+def test_work_queue_unknown_type_refused_naming_setting():
+    with pytest.raises(ImproperlyConfigured, match="QW_QUEUE_TYPE"):
+        messaging.work_queue("task.created", "stream")
+
+
+def test_work_queues_quorum_applies_to_every_queue():
+    queues = messaging.work_queues(messaging.parse_type_routes(["RESIZE=images"]), "quorum", 5)
+    assert {q.queue_arguments["x-queue-type"] for q in queues} == {"quorum"}
+    assert all("x-max-priority" not in q.queue_arguments for q in queues)
+
+
+# --- broker URLs and failover lists ------------------------------------------------------------
+
+FAILOVER = "amqp://u:p@rabbit-0:5672/qw;amqp://u:p@rabbit-1:5672/qw;amqp://u:p@rabbit-2/qw"
+
+
+def test_broker_urls_splits_failover_list():
+    assert messaging.broker_urls(FAILOVER) == [
+        "amqp://u:p@rabbit-0:5672/qw",
+        "amqp://u:p@rabbit-1:5672/qw",
+        "amqp://u:p@rabbit-2/qw",
+    ]
+
+
+def test_broker_urls_single_url_and_stray_separators():
+    assert messaging.broker_urls("amqp://h//") == ["amqp://h//"]
+    assert messaging.broker_urls("amqp://a//; amqp://b//;") == ["amqp://a//", "amqp://b//"]
+
+
+@pytest.mark.parametrize(
+    ("url", "vhost"),
+    [
+        (FAILOVER, "qw"),
+        ("amqp://u:p@h:5672//", "/"),
+        ("amqp://u:p@h:5672", "/"),
+        ("amqp://u:p@h/%2F", "/"),
+        ("amqps://u:p@h/team%2Fa;amqps://u:p@g/team%2Fa", "team/a"),
+    ],
+)
+def test_broker_vhost_reads_first_url_of_list(url, vhost):
+    assert messaging.broker_vhost(url) == vhost
+
+
+def test_with_vhost_rewrites_every_url_of_list():
+    assert messaging.with_vhost("amqp://u:p@a:5672//;amqp://u:p@b:5672/old", "qw_test") == (
+        "amqp://u:p@a:5672/qw_test;amqp://u:p@b:5672/qw_test"
+    )
+
+
+def test_broker_vhost_of_failover_list_used_for_management_api(monkeypatch):
+    from queueworker import broker
+
+    # urlsplit over the whole list used to give "qw;amqp://u:p@rabbit-1:5672/qw"
+    monkeypatch.setenv("CELERY_BROKER_URL", FAILOVER)  # Celery reads it before its own conf
+    monkeypatch.setattr(app.conf, "broker_url", FAILOVER)
+    assert broker._vhost() == "qw"
+
+
+@pytest.mark.parametrize(("url", "retries"), [("amqp://h//", 0), (FAILOVER, 2)])
+def test_connect_retries_give_each_url_one_attempt(url, retries):
+    from kombu import Connection
+
+    from queueworker import broker
+
+    assert broker._retries_to_try_each_url(Connection(url)) == retries
