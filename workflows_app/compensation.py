@@ -24,7 +24,7 @@ from django.conf import settings
 from tasks_app import services as task_services
 from tasks_app import state
 from tasks_app.models import WAITING_STATUSES, Task, TaskStatus
-from workflows_app import coordinator
+from workflows_app import coordinator, refs
 from workflows_app import definition as definitions
 from workflows_app.models import RunStatus, WorkflowRun
 
@@ -81,13 +81,22 @@ def undo_order(graph: definitions.Graph, steps: dict[str, Task]) -> list[Task]:
 def start_compensation(
     run: WorkflowRun, graph: definitions.Graph, task: Task, ctx: dict[str, Any]
 ) -> Task:
+    """Create the COMPENSATION task of ``task``'s step; one whose ``$ref`` cannot be resolved
+    is created failed with the reason, and the undo moves on from that failure at once."""
     spec = graph.steps[str(task.step)].compensation
     assert spec is not None  # undo_order keeps only steps that declare one
+    error = None
+    try:
+        undo = compensation_spec(task, spec, ctx, workflow_run_id=run.id)
+    except refs.RefError as exc:
+        error = str(exc)
+        undo = compensation_spec(task, spec, ctx, workflow_run_id=run.id, resolve_refs=False)
     (created,) = task_services.task_bulk_create(
-        owner=run.owner,
-        specs=[compensation_spec(task, spec, ctx, workflow_run_id=run.id)],
-        by=f"workflow run {run.id}",
+        owner=run.owner, specs=[undo], by=f"workflow run {run.id}"
     )
+    if error is not None:
+        coordinator.fail_unstarted(created, error)
+        advance(run, graph, coordinator.run_tasks(run))
     return created
 
 
@@ -98,18 +107,20 @@ def compensation_spec(
     *,
     workflow_run_id: Any = None,
     priority: int = 0,
+    resolve_refs: bool = True,
 ) -> task_services.TaskSpec:
     """The COMPENSATION task that undoes ``task`` with ``action`` ({type, payload,
-    max_retries?}), its ``$ref`` values resolved over ``ctx``; ``parent`` = the undone task."""
+    max_retries?}), its ``$ref`` values resolved over ``ctx`` (``refs.RefError`` when they
+    cannot be; kept as declared with ``resolve_refs=False``); ``parent`` = the undone task."""
     max_retries = action.get("max_retries")
+    payload = action.get("payload", {})
+    if resolve_refs:
+        payload = refs.resolve(payload, ctx, path="action.payload")
     return task_services.TaskSpec(
         type=coordinator.COMPENSATION_TYPE,
         payload={
             "compensates": str(task.id),
-            "action": {
-                "type": action["type"],
-                "payload": coordinator.resolve(action.get("payload", {}), ctx),
-            },
+            "action": {"type": action["type"], "payload": payload},
         },
         max_retries=max_retries if max_retries is not None else settings.QW_DEFAULT_MAX_RETRIES,
         priority=priority,

@@ -9,7 +9,8 @@ it creates tasks through the task service, which publishes on commit.
 
 1. A step COMPLETED: every step not started yet whose predecessors have all COMPLETED starts
    (fan-out, and fan-in once the last branch completes); when every step has COMPLETED, the
-   run is COMPLETED.
+   run is COMPLETED. A step whose ``$ref`` cannot be resolved within its bounds
+   (``workflows_app.refs``) gets its task failed at once, and counts as a failed step.
 2. A step FAILED or CANCELLED while the run runs: the run turns COMPENSATING and the
    compensation planner (``compensation.advance``) takes over.
 3. Anything that finishes while the run compensates: the planner advances.
@@ -21,14 +22,14 @@ import functools
 import logging
 from typing import Any
 
-import jmespath
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from tasks_app import services as task_services
-from tasks_app.models import Task, TaskLog, TaskStatus
-from workflows_app import compensation
+from tasks_app import state
+from tasks_app.models import FailureClass, Task, TaskLog, TaskStatus
+from workflows_app import compensation, refs
 from workflows_app import definition as definitions
 from workflows_app.models import FINISHED_RUN_STATUSES, RunStatus, WorkflowRun, WorkflowVersion
 
@@ -64,15 +65,24 @@ def context(run: WorkflowRun, tasks: list[Task]) -> dict[str, Any]:
     }
 
 
-def resolve(value: Any, ctx: dict[str, Any]) -> Any:
-    """``value`` with every ``{"$ref": expr}`` replaced by ``expr`` searched over ``ctx``."""
-    if definitions.is_ref(value):
-        return jmespath.search(value["$ref"], ctx)
-    if isinstance(value, dict):
-        return {key: resolve(item, ctx) for key, item in value.items()}
-    if isinstance(value, list):
-        return [resolve(item, ctx) for item in value]
-    return value
+#: The start of the error of a task that failed before it ran (its ``$ref`` did not resolve).
+COULD_NOT_START = "could not start: "
+
+
+def fail_unstarted(task: Task, reason: str) -> None:
+    """Fail a task just created whose payload could not be built (``refs.RefError``).
+
+    It keeps its declared payload, ``$ref`` and all, and fails for good without running: the
+    coordinator then treats it as any failed step (or compensation).
+    """
+    claimed = state.claim(task.id, lease_s=settings.QW_LEASE_SECONDS)
+    assert claimed is not None  # created in this transaction, not yet published
+    state.fail(
+        task.id,
+        claimed.attempt,
+        error=f"{COULD_NOT_START}{reason}"[:4000],
+        failure_class=FailureClass.NON_RETRYABLE,
+    )
 
 
 def lock_run(run_id: Any) -> WorkflowRun:
@@ -170,14 +180,25 @@ def _advance(
 def start_steps(
     run: WorkflowRun, graph: definitions.Graph, names: list[str], ctx: dict[str, Any]
 ) -> list[Task]:
-    """Create the tasks of ``names`` (published after commit), ``$ref`` resolved now."""
+    """Create the tasks of ``names`` (published after commit), ``$ref`` resolved now.
+
+    A step whose ``$ref`` cannot be resolved (an error, too much work, a payload over
+    ``QW_MAX_PAYLOAD_BYTES``) gets its task all the same, failed with the reason, and the run
+    moves on from that failure at once (the saga compensates).
+    """
     specs = []
+    unstartable: dict[str, str] = {}
     for name in names:
         step = graph.steps[name]
+        try:
+            payload = refs.resolve(step.payload, ctx, path=f"steps.{name}.payload")
+        except refs.RefError as exc:
+            payload = step.payload
+            unstartable[name] = str(exc)
         specs.append(
             task_services.TaskSpec(
                 type=step.type,
-                payload=resolve(step.payload, ctx),
+                payload=payload,
                 max_retries=step.max_retries
                 if step.max_retries is not None
                 else settings.QW_DEFAULT_MAX_RETRIES,
@@ -187,7 +208,15 @@ def start_steps(
                 step=name,
             )
         )
-    return task_services.task_bulk_create(owner=run.owner, specs=specs, by=f"workflow run {run.id}")
+    tasks = task_services.task_bulk_create(
+        owner=run.owner, specs=specs, by=f"workflow run {run.id}"
+    )
+    if unstartable:
+        for task in tasks:
+            if task.step in unstartable:
+                fail_unstarted(task, unstartable[task.step])
+        decide(run, run_tasks(run))
+    return tasks
 
 
 def finish(run: WorkflowRun, status: str, error: str | None = None) -> None:

@@ -40,6 +40,8 @@ STEP_KEYS = {
 }
 MAX_STEPS = 200
 MAX_RETRIES = 25
+#: A ``$ref`` expression's length; its evaluation is bounded too, when the step starts.
+MAX_REF_CHARS = 1000
 
 
 class DefinitionError(ValueError):
@@ -325,12 +327,19 @@ def _check_refs(path: str, payload: Any, allowed_steps: set[str]) -> list[str]:
         if not isinstance(expression, str) or not expression.strip():
             problems.append(f"{at}: must be a JMESPath expression")
             continue
+        if len(expression) > MAX_REF_CHARS:
+            problems.append(f"{at}: at most {MAX_REF_CHARS} characters, got {len(expression)}")
+            continue
         try:
             ast = jmespath.compile(expression).parsed
+            roots = list(referenced_roots(ast))
         except JMESPathError as exc:
             problems.append(f"{at}: invalid JMESPath: {str(exc).splitlines()[0]}")
             continue
-        for kind, name in referenced_roots(ast):
+        except RecursionError:
+            problems.append(f"{at}: invalid JMESPath: nested too deeply")
+            continue
+        for kind, name in roots:
             if kind == "steps?":
                 problems.append(f"{at}: name the step directly, as steps.<name>…")
             elif kind == "step" and name not in allowed_steps:

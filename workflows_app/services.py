@@ -13,7 +13,7 @@ from django.db.models import Max
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
 from tasks_app.models import Task, TaskStatus
-from workflows_app import compensation, coordinator
+from workflows_app import compensation, coordinator, refs
 from workflows_app import definition as definitions
 from workflows_app.models import (
     FINISHED_RUN_STATUSES,
@@ -226,12 +226,32 @@ def run_retry(*, run: WorkflowRun, by: str) -> WorkflowRun:
         failed_undo = [t for t in broken if t.type == coordinator.COMPENSATION_TYPE]
         again = failed_undo or broken
         for task in again:
-            task_services.task_retry(task=task, by=by, reason="workflow run retry")
+            payload = None
+            if task.error.startswith(coordinator.COULD_NOT_START):
+                payload = _payload_again(locked, task, tasks)
+            task_services.task_retry(task=task, by=by, reason="workflow run retry", payload=payload)
         locked.status = RunStatus.COMPENSATING if failed_undo else RunStatus.RUNNING
         locked.error = ""
         locked.finished_at = None
         locked.save(update_fields=["status", "error", "finished_at", "updated_at"])
     return locked
+
+
+def _payload_again(run: WorkflowRun, task: Task, tasks: list[Task]) -> Any:
+    """The payload of a task that failed before it ran, its ``$ref`` resolved again (a
+    setting may have changed); ``InvalidTransition`` when it still cannot be."""
+    graph = coordinator.graph_for(run)
+    ctx = coordinator.context(run, tasks)
+    step = graph.steps[str(task.step)]
+    try:
+        if task.type == coordinator.COMPENSATION_TYPE:
+            undone = next(t for t in tasks if t.pk == task.parent_id)
+            assert step.compensation is not None  # a compensation task exists for it
+            spec = compensation.compensation_spec(undone, step.compensation, ctx)
+            return spec.payload
+        return refs.resolve(step.payload, ctx, path=f"steps.{step.name}.payload")
+    except refs.RefError as exc:
+        raise InvalidTransition({"detail": f"Step {step.name} still cannot start: {exc}"}) from None
 
 
 def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None) -> Task:
@@ -258,7 +278,10 @@ def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None
             )
         ctx = coordinator.context(run, list(run.tasks.all())) if run else {"input": {}, "steps": {}}
         # Outside a failed run's saga: not one of the run's steps (no workflow_run).
-        undo = compensation.compensation_spec(locked, spec, ctx, priority=locked.priority)
+        try:
+            undo = compensation.compensation_spec(locked, spec, ctx, priority=locked.priority)
+        except refs.RefError as exc:
+            raise InvalidInput({"action": [str(exc)]}) from None
         problems = registry_validate("COMPENSATION", undo.payload)
         if problems:
             raise InvalidInput({"action": problems})

@@ -135,3 +135,21 @@ def test_legacy_cycle_and_unreachable_transitions_rejected():
     assert _problems(cyc) == ["transitions.NOOP: cycle back to type NOOP"]
     stray = {"initialTask": {"type": "NOOP"}, "transitions": {"OTHER": {"type": "NOOP"}}}
     assert _problems(stray) == ["transitions.OTHER: unreachable from initialTask"]
+
+
+def test_ref_longer_than_the_cap_is_rejected_with_its_path():
+    expression = "input.x" + " | [@,@][]" * 100  # 1,007 characters
+
+    problems = _problems(_steps(a=noop(payload={"result": {"$ref": expression}})))
+
+    assert problems == [
+        f"steps.a.payload.result.$ref: at most 1000 characters, got {len(expression)}"
+    ]
+
+
+def test_ref_nested_too_deeply_for_the_parser_is_rejected_not_raised():
+    expression = "(" * 495 + "input" + ")" * 495  # under the cap, over Python's recursion limit
+
+    problems = _problems(_steps(a=noop(payload={"$ref": expression})))
+
+    assert problems == ["steps.a.payload.$ref: invalid JMESPath: nested too deeply"]

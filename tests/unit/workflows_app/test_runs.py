@@ -328,3 +328,91 @@ def test_compensation_is_recorded_against_the_task_it_undoes(user):
     run = drive(start(user, definition))
     a = by_step(run)["a"]
     assert TaskLog.objects.filter(task=a, event="compensated").count() == 1
+
+
+# --- $ref bounds ---------------------------------------------------------------------------------
+
+DOUBLING = "input.x" + " | [@,@][]" * 20  # 2**20 elements (3.1 MB) from a 1-element input
+
+
+def test_step_whose_ref_makes_too_much_fails_at_start_and_the_saga_compensates(user):
+    definition = {
+        "start": "a",
+        "steps": {
+            "a": noop(next=["b", "c"], compensation=undo(result="undo a")),
+            "b": noop(payload={"result": {"$ref": DOUBLING}}),
+            "c": noop(),
+        },
+    }
+
+    run = drive(start(user, definition, {"x": [1]}))
+
+    assert run.status == RunStatus.COMPENSATED, run.error
+    steps = by_step(run)
+    assert steps["b"].status == TaskStatus.FAILED
+    assert steps["b"].failure_class == "non_retryable"
+    assert steps["b"].error.startswith("could not start: steps.b.payload")
+    assert "QW_MAX_PAYLOAD_BYTES" in steps["b"].error
+    assert steps["b"].payload == {"result": {"$ref": DOUBLING}}  # as declared, not resolved
+    assert steps["c"].status == TaskStatus.CANCELLED  # no new step runs once one failed
+    assert run.error.startswith("step b failed: could not start")
+    assert [c.step for c in compensations(run)] == ["a"]
+
+
+def test_first_step_whose_ref_errors_fails_the_run_instead_of_raising(user):
+    definition = {
+        "start": "a",
+        "steps": {"a": noop(payload={"result": {"$ref": "length(input.n)"}})},
+    }
+
+    run = start(user, definition, {"n": 5})
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED
+    assert "could not start: steps.a.payload.result.$ref: In function length()" in run.error
+    assert by_step(run)["a"].status == TaskStatus.FAILED
+
+
+def test_retry_of_a_step_that_could_not_start_resolves_its_ref_again(user, settings):
+    # given a step whose resolved payload is over the limit
+    settings.QW_MAX_PAYLOAD_BYTES = 2048
+    definition = {
+        "start": "a",
+        "steps": {"a": noop(next="b"), "b": noop(payload={"result": {"$ref": "input.text"}})},
+    }
+    run = drive(start(user, definition, {"text": "x" * 3000}))
+    assert run.status == RunStatus.FAILED and "over 2048 bytes" in run.error
+
+    # when the limit still holds, a retry changes nothing
+    with pytest.raises(InvalidTransition) as excinfo:
+        services.run_retry(run=run, by="ops")
+    assert "Step b still cannot start" in excinfo.value.detail["detail"]
+    run.refresh_from_db()
+    assert run.status == RunStatus.FAILED
+
+    # then, once the limit is raised, the retry starts it with its $ref resolved
+    settings.QW_MAX_PAYLOAD_BYTES = 1024 * 1024
+    run = drive(services.run_retry(run=run, by="ops"))
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert by_step(run)["b"].result["result"] == "x" * 3000
+
+
+def test_compensation_whose_ref_errors_fails_the_run_naming_it(user):
+    definition = {
+        "start": "a",
+        "steps": {
+            "a": noop(
+                payload={"result": 7},
+                next="b",
+                compensation=undo(result={"$ref": "length(steps.a.result.result)"}),
+            ),
+            "b": noop(payload={"fail": True}),
+        },
+    }
+
+    run = drive(start(user, definition))
+
+    assert run.status == RunStatus.FAILED
+    assert "compensation of step a failed" in run.error
+    assert "could not start: action.payload.result.$ref: In function length()" in run.error
