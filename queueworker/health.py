@@ -8,10 +8,17 @@ reported failed ("timed out").
 - ``/api/health/ready/``: the database and the broker answer.
 - ``/api/health/``: those, plus workers (a Celery ping; and per queue, does any worker
   consume it?) and queues (none over ``QW_QUEUE_OVERLOAD_THRESHOLD``).
+
+The endpoints are open, so what they tell and what they cost is bounded: anyone gets each
+check's name and whether it passed; the details (hosts, URLs, worker names, error texts) only
+staff users and callers with ``Authorization: Bearer <QW_METRICS_TOKEN>``. A process runs a set
+of checks at most once per ``QW_HEALTH_CACHE_S`` and answers from that run meanwhile, so a
+flood of requests sends at most one broadcast ping per interval.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -20,13 +27,13 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, connections
 from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from queueworker import broker
+from queueworker import broker, metrics
 from queueworker.celery import app
 
 BROKER_TIMEOUT_S = 1
@@ -54,7 +61,7 @@ def check_broker() -> str:
 
 
 def check_workers() -> str:
-    replies = app.control.ping(timeout=PING_TIMEOUT_S) or []
+    replies = _ping()
     workers = sorted(name for reply in replies for name in reply)
     if not workers:
         raise CheckFailed("no worker answered a ping")
@@ -63,6 +70,17 @@ def check_workers() -> str:
     if idle:
         raise CheckFailed(f"no worker consumes {', '.join(idle)} ({len(workers)} answered)")
     return f"{len(workers)} answered: {', '.join(workers)}"
+
+
+def _ping() -> list[dict[str, Any]]:
+    """Celery's broadcast ping, once more on a new connection when the pooled one is gone: the
+    broker closes connections (a restart, ``rabbitmqctl close_all_connections``, an idle
+    timeout) and the pool finds out only when it next uses one."""
+    with app.connection_for_write() as fresh:  # connects only if used
+        try:
+            return app.control.ping(timeout=PING_TIMEOUT_S) or []
+        except fresh.connection_errors:
+            return app.control.ping(timeout=PING_TIMEOUT_S, connection=fresh) or []
 
 
 def check_queues() -> str:
@@ -96,6 +114,24 @@ def run_checks(checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, An
     return all(r["ok"] for r in results.values()), results
 
 
+class _RecentResults:
+    """The last results of one set of checks, used for ``QW_HEALTH_CACHE_S`` after their run. A
+    request that comes while the checks run waits for that run instead of starting another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results: tuple[bool, dict[str, Any]] | None = None
+        self._ran_at = 0.0
+
+    def get(self, checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, Any]]:
+        with self._lock:
+            age = time.monotonic() - self._ran_at
+            if self._results is None or age >= settings.QW_HEALTH_CACHE_S:
+                self._results = run_checks(checks)
+                self._ran_at = time.monotonic()
+            return self._results
+
+
 def _timed(check: Callable[[], str]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
@@ -114,20 +150,47 @@ HealthOutput = inline_serializer(
     {
         "status": serializers.ChoiceField(choices=["ok", "unavailable"]),
         "failing": serializers.ListField(child=serializers.CharField()),
-        "checks": serializers.DictField(),
+        "checks": serializers.DictField(
+            help_text="Per check {ok}; with latency_ms and detail for staff users and "
+            "Authorization: Bearer <QW_METRICS_TOKEN>."
+        ),
     },
 )
 
 
+def may_see_details(request: Request) -> bool:
+    """Staff users, and callers with the metrics token (as ``/metrics`` checks it) when one is
+    set. Bad credentials make the caller anonymous here rather than a 401: a probe that sends
+    a stale token still learns whether the service is up."""
+    if settings.QW_METRICS_TOKEN and metrics.token_accepted(
+        request.headers.get("Authorization", "")
+    ):
+        return True
+    try:
+        return bool(request.user and request.user.is_staff)
+    except exceptions.AuthenticationFailed:
+        return False
+
+
 class _HealthBase(APIView):
     permission_classes = [AllowAny]
-    authentication_classes: list[Any] = []
+    # A list of named checks: a subclass adds one by name.
     checks: dict[str, Callable[[], str]] = {}
+    _recent: _RecentResults
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._recent = _RecentResults()
+
+    def perform_authentication(self, request: Request) -> None:
+        """Authenticate lazily, in ``may_see_details``: only to decide how much to show."""
 
     @extend_schema(responses={200: HealthOutput, 503: HealthOutput})
     def get(self, request: Request) -> Response:
-        healthy, results = run_checks(self.checks)
+        healthy, results = self._recent.get(self.checks)
         failing = [name for name, r in results.items() if not r["ok"]]
+        if not may_see_details(request):
+            results = {name: {"ok": r["ok"]} for name, r in results.items()}
         body = {"status": "ok" if healthy else "unavailable", "failing": failing, "checks": results}
         return Response(body, status=200 if healthy else 503)
 

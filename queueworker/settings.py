@@ -207,6 +207,8 @@ QW_QUEUE_OVERLOAD_THRESHOLD = env.int("QW_QUEUE_OVERLOAD_THRESHOLD", 10_000, min
 # RabbitMQ's management API (http://user:password@host:15672): the only source of unacked counts.
 QW_RABBITMQ_MANAGEMENT_URL = env.str("QW_RABBITMQ_MANAGEMENT_URL", "")
 QW_HEALTH_TIMEOUT_S = env.float("QW_HEALTH_TIMEOUT_S", 2.5, minimum=0.1, maximum=10.0)
+# A process answers /api/health/… from its last run of the checks for this long (0: every time).
+QW_HEALTH_CACHE_S = env.float("QW_HEALTH_CACHE_S", 2.0, minimum=0.0, maximum=60.0)
 # /metrics needs "Authorization: Bearer <token>" when set; open when empty (DESIGN §7).
 QW_METRICS_TOKEN = env.str("QW_METRICS_TOKEN", "")
 QW_HANDLER_MODULES = env.list("QW_HANDLER_MODULES", [])

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 
 import pytest
 
+from queueworker import broker
 from queueworker.celery import app
 from tasks_app import dispatch
 from tasks_app.models import Task, TaskStatus
+from tests import session_env
 from tests.conftest import wait_for
 from tests.integration.test_recovery import _use_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_health_checks(settings):
+    """Every health request runs its checks (no results kept from an earlier test)."""
+    settings.QW_HEALTH_CACHE_S = 0
 
 
 def test_health_answers_503_naming_the_broker_within_3_s(client):
@@ -34,9 +43,10 @@ def test_health_answers_503_naming_the_broker_within_3_s(client):
     assert client.get("/api/health/live/").status_code == 200
 
 
-def test_health_is_200_with_a_worker_on_every_queue(client, worker):
+def test_health_is_200_with_a_worker_on_every_queue(client_for, staff_user, worker):
+    staff = client_for(staff_user)  # details are for staff
     body = wait_for(
-        lambda: (r := client.get("/api/health/")).status_code == 200 and r.json(), timeout=15
+        lambda: (r := staff.get("/api/health/")).status_code == 200 and r.json(), timeout=15
     )
     assert set(body["checks"]) == {"database", "broker", "workers", "queues"}
     assert "answered" in body["checks"]["workers"]["detail"]
@@ -80,3 +90,34 @@ def test_redrive_takes_a_dead_lettered_task_back_to_completed(api, worker, staff
     assert response.status_code == 202
     wait_for(lambda: Task.objects.get(pk=task_id).status == TaskStatus.COMPLETED)
     assert Task.objects.get(pk=task_id).attempt == 3
+
+
+def test_health_after_the_broker_closed_the_web_connections_finds_the_workers(
+    client_for, staff_user, worker
+):
+    # given a healthy service whose web process holds pooled broker connections
+    staff = client_for(staff_user)
+    wait_for(lambda: staff.get("/api/health/").status_code == 200, timeout=15)
+
+    # when RabbitMQ closes every connection of the vhost (the worker's too), and the worker
+    # has reconnected
+    reconnects = worker.output().count("Connected to amqp://")
+    subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "--vhost", session_env.VHOST, "test"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    wait_for(lambda: worker.output().count("Connected to amqp://") > reconnects, timeout=30)
+    wait_for(_every_queue_has_a_consumer_again, timeout=15)
+
+    # then the very next health check finds it (one retry on a fresh connection)
+    response = staff.get("/api/health/")
+    assert response.status_code == 200, response.json()
+    assert response.json()["checks"]["workers"]["ok"] is True
+
+
+def _every_queue_has_a_consumer_again() -> bool:
+    """Asked on connections of its own, so the web's pool stays as the broker left it."""
+    work_queues = [q.name for q in app.conf.task_queues]
+    return all(s.consumers for s in broker.queue_stats(work_queues))

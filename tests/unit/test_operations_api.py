@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from queueworker import broker, health
 from tasks_app import dispatch, selectors
@@ -169,3 +171,85 @@ def test_wait_reason_names_a_queue_without_consumers(user, monkeypatch):
 
     assert reason["code"] == "no_consumer"
     assert "celery -A queueworker worker -Q data.processing" in reason["detail"]
+
+
+# --- /api/health/: what an anonymous caller learns, and what it costs ---------------------------
+
+
+def _broker_down() -> str:
+    raise OSError("connect to amqp://queueworker@rabbitmq.internal:5672/prod refused")
+
+
+@pytest.fixture
+def fake_checks(monkeypatch, settings):
+    """HealthView over checks that name hosts, with no results kept from earlier tests."""
+    settings.QW_HEALTH_CACHE_S = 60
+    calls: list[str] = []
+
+    def workers() -> str:
+        calls.append("ping")
+        return "2 answered: worker-a@host-17.internal, worker-b@host-18.internal"
+
+    monkeypatch.setattr(health.HealthView, "checks", {"broker": _broker_down, "workers": workers})
+    monkeypatch.setattr(health.HealthView, "_recent", health._RecentResults())
+    return calls
+
+
+def test_health_anonymous_gets_status_per_check_only(client, fake_checks):
+    response = client.get("/api/health/")
+
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "unavailable",
+        "failing": ["broker"],
+        "checks": {"broker": {"ok": False}, "workers": {"ok": True}},
+    }
+    assert "internal" not in response.content.decode()
+
+
+def test_health_staff_and_metrics_token_get_the_details(
+    client, client_for, staff_user, api, fake_checks, settings
+):
+    settings.QW_METRICS_TOKEN = "metrics-token-123"
+
+    staff = client_for(staff_user).get("/api/health/").json()
+    scraper = client.get("/api/health/", HTTP_AUTHORIZATION="Bearer metrics-token-123").json()
+    wrong_token = client.get("/api/health/", HTTP_AUTHORIZATION="Bearer nope").json()
+    bad_credentials = client.get("/api/health/", HTTP_AUTHORIZATION="Token nope")
+    not_staff = api.get("/api/health/").json()
+
+    for body in (staff, scraper):
+        assert "rabbitmq.internal" in body["checks"]["broker"]["detail"]
+        assert "host-17.internal" in body["checks"]["workers"]["detail"]
+        assert "latency_ms" in body["checks"]["workers"]
+    assert bad_credentials.status_code == 503  # anonymous here, not a 401
+    for body in (wrong_token, bad_credentials.json(), not_staff):
+        assert body["checks"] == {"broker": {"ok": False}, "workers": {"ok": True}}
+
+
+def test_health_metrics_token_unset_shows_no_details_to_anonymous(client, fake_checks, settings):
+    settings.QW_METRICS_TOKEN = ""  # /metrics is open then; the details stay closed
+
+    body = client.get("/api/health/", HTTP_AUTHORIZATION="Bearer ").json()
+
+    assert body["checks"]["workers"] == {"ok": True}
+
+
+def test_health_flood_of_requests_runs_the_checks_once_per_interval(client, fake_checks):
+    # when 40 anonymous requests come at once, 8 at a time
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(lambda _: APIClient().get("/api/health/").status_code, range(40)))
+
+    # then one run of the checks answered them all: one broadcast ping
+    assert codes == [503] * 40
+    assert fake_checks == ["ping"]
+
+
+def test_health_runs_the_checks_again_after_the_interval(client, fake_checks, settings):
+    settings.QW_HEALTH_CACHE_S = 0.2
+    client.get("/api/health/")
+
+    time.sleep(0.25)
+    client.get("/api/health/")
+
+    assert fake_checks == ["ping", "ping"]
