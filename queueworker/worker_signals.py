@@ -1,12 +1,15 @@
-"""Worker process setup: database session settings, connection health, broker topology, and
-a message strategy that refuses what it cannot read instead of stopping the worker."""
+"""Worker process setup: database session settings, connection health, broker topology, a
+message strategy that refuses what it cannot read instead of stopping the worker, each task
+process's heartbeat, and the dispatcher candidate that every worker and beat runs."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from billiard.process import current_process
 from celery import signals
 from celery.exceptions import InvalidTaskError
 from django.conf import settings
@@ -37,6 +40,44 @@ def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:
 def _init_worker_process(**kwargs: Any) -> None:
     if not settings.QW_WORKER_SYNC_COMMIT:
         connection_created.connect(_async_commit, weak=False, dispatch_uid="qw_async_commit")
+    from tasks_app import liveness
+
+    # The process that runs tasks (a prefork child, or the worker itself under -P solo) is
+    # the holder of what it claims: its heartbeat proves it alive.
+    liveness.start(pool_child=current_process().name != "MainProcess")
+
+
+@signals.worker_process_shutdown.connect
+def _stop_heartbeat(**kwargs: Any) -> None:
+    from tasks_app import liveness
+
+    liveness.stop()
+
+
+@signals.worker_ready.connect
+def _start_dispatcher(sender: Any = None, **kwargs: Any) -> None:
+    from tasks_app import dispatcher
+
+    hostname = getattr(sender, "hostname", "") or "worker"
+    dispatcher.start(f"worker {hostname}")
+
+
+@signals.worker_shutdown.connect
+def _stop_dispatcher(**kwargs: Any) -> None:
+    from tasks_app import dispatcher, liveness
+
+    dispatcher.stop()
+    liveness.stop()  # -P solo: the worker's own heartbeat
+
+
+@signals.beat_init.connect
+def _beat_init(sender: Any = None, **kwargs: Any) -> None:
+    """Beat fires schedules with the project's scheduler, and is a dispatcher candidate."""
+    from tasks_app import dispatcher, scheduler
+
+    scheduler.ensure_project_scheduler(sender)
+    dispatcher.start("beat")
+    atexit.register(dispatcher.stop)
 
 
 @signals.worker_ready.connect

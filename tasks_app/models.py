@@ -84,7 +84,17 @@ class Task(models.Model):
     attempt = models.PositiveIntegerField(
         default=0, help_text="Fencing token: bumped at each claim; a stale worker cannot finish."
     )
-    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Backstop: a running attempt is lost at this time even if its holder lives.",
+    )
+    holder = models.UUIDField(
+        null=True,
+        blank=True,
+        help_text="The worker process running this attempt (its WorkerHeartbeat); null while "
+        "no process runs it (a data task waiting for its batches).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -275,3 +285,39 @@ class DataBatch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}#{self.index} ({self.status})"
+
+
+class WorkerHeartbeat(models.Model):
+    """A process that runs tasks, and when it last said it was alive (database clock).
+
+    Each worker process writes its row every few seconds from a background thread; a task
+    whose ``holder`` stopped writing for ``QW_LEASE_SECONDS`` is recovered by the sweep.
+    """
+
+    id = models.UUIDField(primary_key=True)
+    hostname = models.CharField(max_length=255, blank=True, default="")
+    pid = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    beat_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["beat_at"], name="heartbeat_beat_at")]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} pid {self.pid}"
+
+
+class DispatcherLease(models.Model):
+    """The leader election of the dispatcher and sweep: one row, held by one process at a time.
+
+    ``last_run_at`` is when the leader last finished a pass; health reports its age.
+    """
+
+    name = models.CharField(max_length=32, primary_key=True)
+    holder = models.CharField(max_length=255, blank=True, default="")
+    acquired_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.holder or 'nobody'}"

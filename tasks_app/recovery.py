@@ -1,12 +1,20 @@
-"""The dispatcher of due work and the recovery sweep (run by beat, DESIGN §6).
+"""The dispatcher of due work and the recovery sweep (run by the elected leader, see
+``tasks_app.dispatcher``).
 
 - ``dispatch_due`` publishes waiting tasks that are due and have no message in flight: delayed
   and scheduled tasks, long backoffs, tasks whose publish failed (``dispatched_at`` null), and
   tasks whose message was lost (published more than ``QW_REDISPATCH_SECONDS`` ago, still
-  waiting). A duplicate message is harmless: the claim admits one.
-- ``expire_leases`` turns PROCESSING tasks whose lease ran out (their worker died) into a
-  failed attempt of class ``worker_lost``: RETRYING while retries remain, else FAILED. A task
+  waiting). A duplicate message is harmless: the claim admits one. Rows are taken with
+  ``FOR UPDATE SKIP LOCKED``, so two dispatchers at once never publish the same task.
+- ``expire_leases`` turns PROCESSING tasks whose worker is gone into a failed attempt of class
+  ``worker_lost``: RETRYING while retries remain, else FAILED. Gone means that the holder's
+  heartbeat is older than ``QW_LEASE_SECONDS`` (``tasks_app.liveness``), or that the backstop
+  lease ran out (a holder alive but never finishing, or a data task's batches stalled). A task
   that kills its worker every time therefore ends FAILED after ``max_retries``.
+
+All times are the database's. After an outage, every heartbeat is old, the live workers' as
+well: the sweep judges nothing until it has itself reached the database for a whole
+``QW_LEASE_SECONDS`` (``healthy_since``), time in which every live worker writes again.
 """
 
 from __future__ import annotations
@@ -16,24 +24,31 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
-from django.utils import timezone
+from django.db.models import Exists, OuterRef, Q
 
-from tasks_app import dispatch, state
-from tasks_app.models import WAITING_STATUSES, LogLevel, Task, TaskLog, TaskStatus
+from tasks_app import dispatch, liveness, state
+from tasks_app.models import (
+    WAITING_STATUSES,
+    LogLevel,
+    Task,
+    TaskLog,
+    TaskStatus,
+    WorkerHeartbeat,
+)
 from tasks_app.worker import retry_delay
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
 MAX_BATCHES = 20
+HEARTBEAT_KEEP_S = 3600
 
 
 def dispatch_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
     """Publish due waiting tasks that have no live message; return how many were published."""
     total = 0
     for _ in range(MAX_BATCHES):
-        published = _dispatch_batch(now or timezone.now(), batch)
+        published = _dispatch_batch(now or liveness.db_now(), batch)
         total += published
         if published < batch:
             break
@@ -69,10 +84,27 @@ def _dispatch_batch(now: datetime, batch: int) -> int:
     return len(due)
 
 
-def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
-    now = now or timezone.now()
-    expired = list(
-        Task.objects.filter(status=TaskStatus.PROCESSING, lease_expires_at__lt=now)
+def expire_leases(
+    *,
+    now: datetime | None = None,
+    healthy_since: datetime | None = None,
+    batch: int = BATCH,
+) -> int:
+    """Recover PROCESSING tasks whose worker is gone; return how many.
+
+    ``healthy_since``: since when the caller has reached the database without a failure
+    (None: the caller vouches for it). Until that is ``QW_LEASE_SECONDS`` ago, nothing is
+    judged: a heartbeat missed during an outage is no sign of death.
+    """
+    now = now or liveness.db_now()
+    stale_before = now - timedelta(seconds=settings.QW_LEASE_SECONDS)
+    if healthy_since is not None and healthy_since > stale_before:
+        return 0
+    alive = WorkerHeartbeat.objects.filter(pk=OuterRef("holder"), beat_at__gte=stale_before)
+    lost = list(
+        Task.objects.filter(status=TaskStatus.PROCESSING)
+        .alias(alive=Exists(alive))
+        .filter(Q(lease_expires_at__lt=now) | Q(holder__isnull=False, alive=False))
         .order_by("lease_expires_at")
         .only(
             "id",
@@ -83,10 +115,11 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
             "retry_backoff_s",
             "retry_backoff_max_s",
             "retry_jitter",
+            "lease_expires_at",
         )[:batch]
     )
     count = 0
-    for task in expired:
+    for task in lost:
         retry = task.retries < task.max_retries
         delay = retry_delay(task) if retry else 0.0
         with transaction.atomic():
@@ -95,11 +128,21 @@ def expire_leases(*, now: datetime | None = None, batch: int = BATCH) -> int:
                 from workflows_app import coordinator
 
                 run = coordinator.lock_run(task.workflow_run_id)  # run row first, then task's
-            expired_task = state.expire_lease(task, retry=retry, delay_s=delay, now=now)
+            expired_task = state.expire_lease(
+                task, retry=retry, delay_s=delay, now=now, stale_before=stale_before
+            )
             if expired_task is not None:
                 count += 1
                 if run is not None:
                     coordinator.task_finished(expired_task, run=run)
     if count:
-        logger.warning("%d tasks lost their worker (lease expired)", count)
+        logger.warning("%d tasks lost their worker", count)
     return count
+
+
+def forget_heartbeats(*, now: datetime | None = None) -> int:
+    """Remove heartbeat rows of processes long gone (a SIGKILLed process leaves its row)."""
+    now = now or liveness.db_now()
+    gone_before = now - timedelta(seconds=max(HEARTBEAT_KEEP_S, 10 * settings.QW_LEASE_SECONDS))
+    deleted, _ = WorkerHeartbeat.objects.filter(beat_at__lt=gone_before).delete()
+    return deleted

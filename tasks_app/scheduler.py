@@ -1,22 +1,24 @@
-"""Beat's scheduler: django-celery-beat's ``DatabaseScheduler`` plus the dispatcher and sweep.
+"""Beat's scheduler: django-celery-beat's ``DatabaseScheduler`` with our schedules' rules.
 
-Running them inside beat gives exactly one dispatcher per deployment with no queue of its own:
-``celery -A queueworker beat`` uses this class by default (``CELERY_BEAT_SCHEDULER``).
+``celery -A queueworker beat`` uses it by default (``CELERY_BEAT_SCHEDULER``); a cron
+``Schedule`` fires by its DST-correct ``LocalCron`` and each fire carries its slot. Beat with
+``-S django`` asks for the parent class, which knows neither: ``ensure_project_scheduler``
+(on ``beat_init``) runs this class in its place, and refuses any other scheduler. The
+dispatcher and the recovery sweep are not the scheduler's: they run in every worker and beat,
+one at a time (``tasks_app.dispatcher``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from django.db import close_old_connections
 from django.db.models import Q
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
 logger = logging.getLogger(__name__)
-# While the recovery sweep keeps failing (a database outage), one log line this often.
-FAILURE_REPORT_S = 30.0
+
+PROJECT_SCHEDULER = "tasks_app.scheduler:QueueWorkerScheduler"
 
 
 class QueueWorkerEntry(ModelEntry):
@@ -39,14 +41,6 @@ class QueueWorkerScheduler(DatabaseScheduler):
         # Save last_run_at after every fire: a restart then recomputes no slot already sent
         # (and the unique (schedule, slot) of ScheduleFire drops one that slips through).
         self.sync_every_tasks = 1
-        from django.conf import settings
-
-        self.dispatch_interval = settings.QW_DISPATCH_INTERVAL_S
-        self.sweep_interval = settings.QW_SWEEP_INTERVAL_S
-        self._next_dispatch = 0.0
-        self._next_sweep = 0.0
-        self._failing_since: float | None = None
-        self._last_failure_report = 0.0
 
     def _get_crontab_exclude_query(self) -> Q:
         # Upstream leaves out crontabs whose hour is not near now by a UTC-offset guess; a
@@ -93,41 +87,35 @@ class QueueWorkerScheduler(DatabaseScheduler):
         PeriodicTask.objects.filter(pk=model.pk).update(enabled=False)
         PeriodicTasks.update_changed()
 
-    def tick(self, *args: Any, **kwargs: Any) -> float:
-        wait = super().tick(*args, **kwargs)
-        self.run_recovery()
-        return min(wait, self.dispatch_interval)
 
-    def run_recovery(self) -> None:
-        from tasks_app import artifacts, recovery
-        from workflows_app.recovery import reconcile_runs
+class WrongScheduler(SystemExit):
+    """Beat was started with a scheduler that would not fire our schedules."""
 
-        now = time.monotonic()
-        try:
-            if now >= self._next_sweep:
-                self._next_sweep = now + self.sweep_interval
-                recovery.expire_leases()
-                reconcile_runs()
-                artifacts.expire()
-            if now >= self._next_dispatch:
-                self._next_dispatch = now + self.dispatch_interval
-                recovery.dispatch_due()
-        except Exception as exc:  # a database outage must not stop beat; the next tick retries
-            close_old_connections()
-            self._recovery_failed(exc, now)
-            return
-        if self._failing_since is not None:
-            logger.warning("recovery sweep works again after %.0f s", now - self._failing_since)
-            self._failing_since = None
 
-    def _recovery_failed(self, exc: Exception, now: float) -> None:
-        """The first failure with its traceback; while it lasts, one line every
-        ``FAILURE_REPORT_S`` instead of one per tick (a database outage is many ticks)."""
-        if self._failing_since is None:
-            self._failing_since = self._last_failure_report = now
-            logger.exception("recovery sweep failed")
-        elif now - self._last_failure_report >= FAILURE_REPORT_S:
-            self._last_failure_report = now
-            logger.error(
-                "recovery sweep still failing after %.0f s: %s", now - self._failing_since, exc
-            )
+def ensure_project_scheduler(service: Any) -> None:
+    """On ``beat_init``: run ``QueueWorkerScheduler`` whatever ``-S`` asked for, or refuse.
+
+    ``-S django`` (django-celery-beat's documented form) names ``DatabaseScheduler``, whose
+    entries would fire our cron schedules by plain UTC-offset crontabs (wrong across daylight
+    saving) and without their slot: this subclass, on the same tables, takes its place and a
+    warning says so. Any other scheduler would never fire our schedules: beat stops, naming
+    the command to run.
+    """
+    current = service.scheduler
+    if isinstance(current, QueueWorkerScheduler):
+        return
+    if type(current) is not DatabaseScheduler:
+        raise WrongScheduler(
+            f"beat's scheduler {type(current).__module__}.{type(current).__name__} would not "
+            "fire QueueWorker's schedules: run `celery -A queueworker beat` (the project's "
+            f"scheduler, {PROJECT_SCHEDULER}, is set in CELERY_BEAT_SCHEDULER)"
+        )
+    logger.warning(
+        "beat was asked for django-celery-beat's DatabaseScheduler (-S django): running %s, "
+        "its subclass that keeps the schedules' daylight-saving rules and slots; "
+        "`celery -A queueworker beat` needs no -S",
+        PROJECT_SCHEDULER,
+    )
+    current.close()
+    service.scheduler_cls = PROJECT_SCHEDULER
+    service.__dict__["scheduler"] = service.get_scheduler()

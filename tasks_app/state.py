@@ -14,6 +14,7 @@ so a transition costs one round trip and one commit; elsewhere they run in one `
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -22,7 +23,7 @@ from django.db import connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from tasks_app.models import LogLevel, Task, TaskLog, TaskStatus
+from tasks_app.models import LogLevel, Task, TaskLog, TaskStatus, WorkerHeartbeat
 from tasks_app.transitions import TRANSITIONS, Transition
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "complete",
     "expire_lease",
     "fail",
+    "release",
+    "renew_lease",
     "request_cancel",
     "requeue",
     "schedule_retry",
@@ -249,10 +252,28 @@ def apply_quiet(
     return row is not None
 
 
+def _lease_until(seconds: float, now: datetime | None) -> Any:
+    """``now + seconds``; without ``now``, on the database's clock (PostgreSQL's), so that the
+    sweep, which compares with the database's clock, never depends on a worker's."""
+    if now is None and connection.vendor == "postgresql":
+        return Expr("statement_timestamp() + make_interval(secs => %s)", (float(seconds),))
+    return (now or timezone.now()) + timedelta(seconds=seconds)
+
+
 def claim(
-    task_id: Any, *, lease_s: float, worker: str = "", now: datetime | None = None
+    task_id: Any,
+    *,
+    lease_s: float,
+    worker: str = "",
+    holder: uuid.UUID | None = None,
+    now: datetime | None = None,
 ) -> Task | None:
-    """PENDING/RETRYING → PROCESSING for a task that is due; bumps the fencing token."""
+    """PENDING/RETRYING → PROCESSING for a task that is due; bumps the fencing token.
+
+    ``holder``: the claiming process's heartbeat id (``tasks_app.liveness``), which proves the
+    attempt alive; ``lease_s`` is the backstop for a holder that lives but never finishes.
+    """
+    lease_until = _lease_until(lease_s, now)
     now = now or timezone.now()
     qn = connection.ops.quote_name
     due_by = now + timedelta(seconds=1)  # a countdown's ETA may fire a moment early
@@ -261,7 +282,8 @@ def claim(
         Transition.CLAIM,
         values={
             "attempt": Expr(f"{qn('attempt')} + 1"),
-            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "lease_expires_at": lease_until,
+            "holder": holder,
             "started_at": Expr(f"COALESCE({qn('started_at')}, %s)", (_prep("started_at", now),)),
         },
         where=Expr(
@@ -434,13 +456,35 @@ def requeue(
 
 
 def expire_lease(
-    task: Task, *, retry: bool, delay_s: float, now: datetime | None = None
+    task: Task,
+    *,
+    retry: bool,
+    delay_s: float,
+    now: datetime | None = None,
+    stale_before: datetime | None = None,
 ) -> Task | None:
-    """PROCESSING with an expired lease: the worker died; count it as a failed attempt."""
+    """PROCESSING whose worker is gone: count it as a failed attempt (``worker_lost``).
+
+    Gone means the backstop lease ran out (``lease_expires_at < now``) or, with
+    ``stale_before``, that the holder's heartbeat is older than it (or missing). The guard
+    checks this again in the UPDATE, so a task whose holder just wrote is left alone.
+    """
     now = now or timezone.now()
-    error = "worker lost: the lease expired before the task finished"
     qn = connection.ops.quote_name
-    lease_guard = Expr(f"{qn('lease_expires_at')} < %s", (_prep("lease_expires_at", now),))
+    guard_sql = f"{qn('lease_expires_at')} < %s"
+    guard_params: list[Any] = [_prep("lease_expires_at", now)]
+    error = "worker lost: the lease expired before the task finished"
+    if stale_before is not None:
+        heartbeats = qn(WorkerHeartbeat._meta.db_table)
+        guard_sql += (
+            f" OR ({qn('holder')} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {heartbeats} h "  # noqa: S608
+            f"WHERE h.{qn('id')} = {qn(Task._meta.db_table)}.{qn('holder')} "
+            f"AND h.{qn('beat_at')} >= %s))"
+        )
+        guard_params.append(_prep("lease_expires_at", stale_before))
+        if task.lease_expires_at is None or task.lease_expires_at >= now:
+            error = "worker lost: its process stopped sending heartbeats"
+    lease_guard = Expr(guard_sql, tuple(guard_params))
     if retry:
         return apply(
             task.id,
@@ -474,6 +518,16 @@ def expire_lease(
         },
         log=LogEntry(level=LogLevel.ERROR, message=error, data={"failure_class": "worker_lost"}),
         now=now,
+    )
+
+
+def release(task_id: Any, attempt: int) -> bool:
+    """A running attempt that no process holds any more (a data task waiting for its batches):
+    its backstop lease, which the batches renew, alone bounds it. Not a status change."""
+    return bool(
+        Task.objects.filter(
+            pk=task_id, status=TaskStatus.PROCESSING, attempt=attempt, holder__isnull=False
+        ).update(holder=None)
     )
 
 

@@ -1,31 +1,36 @@
 """The worker pipeline: claim → run the handler under its time limit → record the outcome.
 
-1. Claim: PENDING/RETRYING → PROCESSING, bumping ``attempt`` (the fencing token) and taking a
-   lease of the task's time limit plus ``QW_LEASE_SECONDS``. A message for a task that is not
-   due, already running or finished claims nothing and is dropped: the database decides.
+1. Claim: PENDING/RETRYING → PROCESSING, bumping ``attempt`` (the fencing token) and naming
+   this process as the holder: its heartbeat (``tasks_app.liveness``) keeps the attempt alive.
+   A backstop lease (the hard time limit plus ``QW_LEASE_SECONDS``) bounds a holder that lives
+   but never finishes. A message for a task that is not due, already running or finished
+   claims nothing and is dropped: the database decides.
 2. Run the type's handler with a ``TaskContext``; Celery's soft time limit interrupts it.
 3. Record: COMPLETED with the result; or classify the error — retryable with retries left →
    RETRYING after exponential backoff with full jitter (short waits ride a countdown message,
    long ones wait in the database for the dispatcher); anything else → FAILED with its
    ``failure_class``, which is the dead-letter record.
 Every write of steps 1 and 3 is fenced by the attempt, so a late or duplicated delivery
-never completes a task twice.
+never completes a task twice. A step 3 write that fails because the database is away is tried
+again until it is back (for up to ``FINISH_RETRY_S``): the outcome is only in this process, and
+its heartbeat would otherwise keep the task PROCESSING until the backstop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
 
 from queueworker import logcontext
-from tasks_app import dispatch, state
+from tasks_app import dispatch, liveness, state
 from tasks_app.backoff import backoff_delay
 from tasks_app.errors import Deferred, PermanentError, RetryableError, TaskCancelled
 from tasks_app.handlers.registry import registry  # the package registers the built-ins
@@ -34,6 +39,13 @@ from tasks_app.models import FailureClass, Task, TaskLog
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
+# A finishing write is retried while the database is away, this long at most, backing off
+# from FINISH_RETRY_FIRST_S to FINISH_RETRY_CAP_S between tries.
+FINISH_RETRY_S = 120.0
+FINISH_RETRY_FIRST_S = 0.25
+FINISH_RETRY_CAP_S = 2.0
+
+T = TypeVar("T")
 
 
 class TaskContext:
@@ -68,8 +80,9 @@ class Outcome:
 
 
 def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
-    lease_s = timeout_s + settings.QW_LEASE_SECONDS
-    task = state.claim(task_id, lease_s=lease_s, worker=worker)
+    task = state.claim(
+        task_id, lease_s=backstop_lease_s(timeout_s), worker=worker, holder=liveness.holder()
+    )
     if task is None:
         return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
     logcontext.update(type=task.type, attempt=task.attempt, workflow_run_id=task.workflow_run_id)
@@ -90,6 +103,8 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     except TaskCancelled:
         return finish_cancelled(task)
     except Deferred as exc:
+        # Its batches run elsewhere: this process no longer holds it; their lease bounds it.
+        _durably(lambda: state.release(task.id, task.attempt))
         return Outcome("deferred", str(exc))
     except SoftTimeLimitExceeded:
         return finish_failed(
@@ -147,8 +162,10 @@ def finish_failed(
     if retryable and task.retries < task.max_retries:
         delay = retry_delay(task, retry_after=retry_after)
         published = delay <= settings.QW_ETA_MAX_SECONDS
-        updated = state.schedule_retry(
-            task.id, task.attempt, error=error, delay_s=delay, published=published
+        updated = _durably(
+            lambda: state.schedule_retry(
+                task.id, task.attempt, error=error, delay_s=delay, published=published
+            )
         )
         if updated is None:
             return Outcome("stale", "retry discarded: the task had moved on")
@@ -165,6 +182,13 @@ def finish_failed(
     if not failed:
         return Outcome("stale", "failure discarded: the task had moved on")
     return Outcome("failed", final_class)
+
+
+def backstop_lease_s(timeout_s: int) -> float:
+    """The lease a claim takes: past Celery's hard time limit, plus ``QW_LEASE_SECONDS`` for
+    the kill to be seen. A live holder finishes or is killed before it; a dead one is found
+    sooner by its heartbeat."""
+    return timeout_s + dispatch.HARD_LIMIT_GRACE_S + settings.QW_LEASE_SECONDS
 
 
 def retry_delay(task: Task, *, retry_after: float | None = None) -> float:
@@ -195,12 +219,44 @@ def _finishing(task: Task, transition: Callable[[], bool]) -> bool:
     """Apply a terminal transition; for a workflow's task, let the coordinator decide what
     follows in the same transaction, so that the decision can never be lost."""
     if task.workflow_run_id is None:
-        return transition()
+        return _durably(transition)
     from workflows_app import coordinator
 
-    with transaction.atomic():
-        run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
-        done = transition()
-        if done:
-            coordinator.task_finished(task, run=run)
-        return done
+    def in_transaction() -> bool:
+        with transaction.atomic():
+            run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+            done = transition()
+            if done:
+                coordinator.task_finished(task, run=run)
+            return done
+
+    return _durably(in_transaction)
+
+
+def _durably(write: Callable[[], T]) -> T:
+    """Run ``write``; while the database is away, reconnect and try again (bounded).
+
+    A write whose commit reached the database before the connection broke is refused the
+    second time by its guard (the task moved on), which reads as "stale": never twice. Inside
+    a caller's transaction nothing can be retried, so the error propagates at once.
+    """
+    started = time.monotonic()
+    pause = FINISH_RETRY_FIRST_S
+    while True:
+        try:
+            result = write()
+        except (OperationalError, InterfaceError) as exc:
+            if any(c.in_atomic_block for c in connections.all(initialized_only=True)):
+                raise
+            if time.monotonic() + pause > started + FINISH_RETRY_S:
+                raise
+            if pause == FINISH_RETRY_FIRST_S:
+                logger.warning("database unavailable to record the outcome, retrying: %s", exc)
+            for conn in connections.all(initialized_only=True):
+                conn.close_if_unusable_or_obsolete()
+            time.sleep(pause)
+            pause = min(pause * 2, FINISH_RETRY_CAP_S)
+            continue
+        if pause != FINISH_RETRY_FIRST_S:
+            logger.info("outcome recorded after %.1f s", time.monotonic() - started)
+        return result

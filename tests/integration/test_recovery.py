@@ -62,12 +62,11 @@ def test_message_lost_between_commit_and_publish_is_delivered_by_the_sweep(api, 
     monkeypatch.setattr(dispatch, "publish", lambda wakeups: 0)
     task_id = api.post("/api/tasks/", {"type": "NOOP"}, format="json").json()["id"]
     monkeypatch.undo()
-    spawn("worker")
+    spawn("worker", QW_REDISPATCH_SECONDS="3", **FAST_SWEEP)
     time.sleep(1.5)
     assert _status(task_id) == TaskStatus.PENDING
 
-    # when beat's sweep runs, with a short redispatch window
-    spawn("beat", QW_REDISPATCH_SECONDS="1", **FAST_SWEEP)
+    # when the dispatcher (in the worker) sees it still waiting after the redispatch window
 
     # then the task is published again and completes
     wait_for(lambda: _status(task_id) == TaskStatus.COMPLETED, timeout=20)
