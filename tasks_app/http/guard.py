@@ -1,4 +1,4 @@
-"""The SSRF guard's policy: which destinations an ``HTTP_REQUEST`` task may reach (DESIGN §8).
+"""The SSRF guard's policy: which destinations an ``HTTP_REQUEST`` task may reach.
 
 In the manner of Stripe's Smokescreen and Advocate:
 
@@ -7,9 +7,14 @@ In the manner of Stripe's Smokescreen and Advocate:
 2. A host listed in ``QW_HTTP_ALLOWED_HOSTS`` (``host`` or ``host:port``) is allowed as it is.
 3. Otherwise every address the host resolves to must be public: ``refusal_reason`` refuses
    loopback, private, link-local, multicast, reserved and unspecified addresses, CGNAT
-   (100.64/10), the cloud metadata addresses, and IPv6 addresses that embed such an IPv4
-   (IPv4-mapped, 6to4, NAT64, Teredo), which the network would deliver to that IPv4.
-4. IPv4 literals are read the way the C resolver (``inet_aton``) reads them: ``2130706433``,
+   (100.64/10), the cloud metadata addresses, the whole local-use NAT64 prefix
+   (64:ff9b:1::/48, whose translators are private by definition), and IPv6 addresses that embed
+   such an IPv4 (IPv4-mapped, 6to4, well-known NAT64, Teredo), which the network would deliver
+   to that IPv4.
+4. A refusal names the address only when the URL wrote it literally: the address a name
+   resolves to is the internal network's layout, which is for the operator's log, not for the
+   task's error.
+5. IPv4 literals are read the way the C resolver (``inet_aton``) reads them: ``2130706433``,
    ``0x7f.1``, ``0177.0.0.1`` and ``127.1`` all mean 127.0.0.1, so they are checked as such.
 
 ``check_url`` applies this to a literal address when a task is created; the transport
@@ -20,6 +25,7 @@ connects to the very addresses it checked.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import string
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +34,8 @@ from typing import Any
 
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
+
+logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 SCHEMES = ("http", "https")
@@ -39,7 +47,8 @@ _METADATA = {
     ipaddress.ip_address("169.254.169.254"): "a cloud metadata address",
     ipaddress.ip_address("fd00:ec2::254"): "a cloud metadata address",
 }
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _DIGITS = {8: frozenset("01234567"), 10: frozenset("0123456789"), 16: frozenset(string.hexdigits)}
 
@@ -98,6 +107,8 @@ def parse_ip_literal(host: str) -> IPAddress | None:
 def refusal_reason(address: IPAddress) -> str | None:
     """Why ``address`` must not be connected to, or None for a public address."""
     if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return f"{address} is a local-use NAT64 address ({_NAT64_LOCAL})"
         embedded = _embedded_ipv4(address)
         if embedded is not None:
             kind, ipv4s = embedded
@@ -133,7 +144,7 @@ def _embedded_ipv4(
     if address.teredo is not None:
         server, client = address.teredo
         return "a Teredo", [client, server]
-    if any(address in net for net in _NAT64):
+    if address in _NAT64:
         return "a NAT64", [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     if address in _IPV4_COMPATIBLE and int(address) > 1:
         return "an IPv4-compatible", [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
@@ -144,12 +155,23 @@ def _embedded_ipv4(
 
 
 def normalize_host(host: str) -> str:
-    """Lower case, no trailing dot, no brackets; an IP literal in its canonical spelling."""
+    """Lower case, no trailing dot, no brackets; an IP literal in its canonical spelling; an
+    internationalised name in its IDNA (``xn--``) form, as urllib3 writes it in a request.
+
+    ValueError if a non-ASCII name is no valid IDNA name.
+    """
     host = host.strip().lower().rstrip(".")
     literal = parse_ip_literal(host)
     if literal is not None:
         return str(literal)
-    return host.strip("[]")
+    host = host.strip("[]")
+    if not host.isascii():
+        try:
+            encoded = parse_url(f"http://{host}/").host
+        except LocationParseError:
+            raise ValueError(f"{host!r} is not a valid internationalised host name") from None
+        host = encoded or host
+    return host
 
 
 @dataclass(frozen=True)
@@ -193,7 +215,10 @@ def parse_allowed_hosts(entries: Iterable[str]) -> tuple[AllowedHost, ...]:
 
 
 def is_allowed(host: str, port: int, allowed: Sequence[AllowedHost]) -> bool:
-    normalized = normalize_host(host)
+    try:
+        normalized = normalize_host(host)
+    except ValueError:
+        return False
     return any(entry.matches(normalized, port) for entry in allowed)
 
 
@@ -202,6 +227,15 @@ class Target:
     scheme: str
     host: str  # as urllib3 reads it (lower case; brackets kept for IPv6)
     port: int
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """Scheme, host and port: what a redirect must keep to stay with the same server."""
+        return self.scheme, normalize_host(self.host), self.port
+
+    def __str__(self) -> str:
+        """``host``, or ``host:port`` when the port is not the scheme's default."""
+        return self.host if self.port == DEFAULT_PORTS[self.scheme] else f"{self.host}:{self.port}"
 
 
 def parse_target(url: str) -> Target:
@@ -269,9 +303,14 @@ class Guard:
             sockaddr = result[4]
             address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
             reason = self.refuse(address)
-            if reason is not None:
-                shown = host if parse_ip_literal(host) == address else f"{host} ({address})"
-                raise DestinationRefused(
-                    f"refused to connect to {shown}:{port}: {reason} (see QW_HTTP_ALLOWED_HOSTS)"
+            if reason is None:
+                continue
+            if parse_ip_literal(host) != address:
+                logger.warning(
+                    "refused %s:%s, which resolves to %s: %s", host, port, address, reason
                 )
+                reason = f"{host} resolves to a private or reserved address"
+            raise DestinationRefused(
+                f"refused to connect to {host}:{port}: {reason} (see QW_HTTP_ALLOWED_HOSTS)"
+            )
         return list(results)

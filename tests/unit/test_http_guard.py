@@ -14,9 +14,11 @@ from tasks_app.http.guard import (
     DestinationRefused,
     Guard,
     check_url,
+    is_allowed,
     parse_allowed_hosts,
     parse_ip_literal,
     parse_ipv4,
+    parse_target,
     refusal_reason,
 )
 from tasks_app.http.testing import Listener, LoopbackServer
@@ -48,7 +50,10 @@ REFUSED = {
     "2002:a00:1::": "6to4 address of 10.0.0.1, a private",
     "64:ff9b::7f00:1": "NAT64 address of 127.0.0.1",
     "64:ff9b::a9fe:a9fe": "NAT64 address of 169.254.169.254, a cloud metadata",
-    "64:ff9b:1::a00:1": "NAT64 address of 10.0.0.1",
+    "64:ff9b:1::a00:1": "local-use NAT64 address (64:ff9b:1::/48)",
+    # local-use NAT64 is refused whatever it embeds: its translator is on a private network
+    "64:ff9b:1::808:808": "local-use NAT64 address (64:ff9b:1::/48)",
+    "64:ff9b:1:ffff:ffff:ffff:ffff:ffff": "local-use NAT64",
     # Teredo: server 65.54.227.120, client 127.0.0.1 (stored inverted: 0x80ff_fffe)
     "2001:0:4136:e378:8000:63bf:80ff:fffe": "Teredo address of 127.0.0.1",
     "::127.0.0.1": "IPv4-compatible address of 127.0.0.1",
@@ -139,6 +144,15 @@ def test_parse_allowed_hosts_reads_names_ports_and_ipv6():
     )
 
 
+def test_allowed_hosts_compare_internationalised_names_in_idna_form():
+    allowed = parse_allowed_hosts(["Bücher.Example", "XN--FA-HIA.de:8443"])
+    assert allowed == (AllowedHost("xn--bcher-kva.example"), AllowedHost("xn--fa-hia.de", 8443))
+    assert is_allowed("BÜCHER.example", 80, allowed)
+    assert is_allowed(parse_target("https://bücher.example/").host, 443, allowed)
+    assert is_allowed(parse_target("https://faß.de:8443/").host, 8443, allowed)
+    assert not is_allowed("faß.de", 443, allowed)
+
+
 @pytest.mark.parametrize(
     "entry",
     ["host:", "host:0", "host:70000", "host:http", "[::1", "[::1]x", "http://host", "user@host"],
@@ -162,6 +176,7 @@ def test_check_url_refuses_literal_addresses_in_every_spelling():
         "http://[fd00:ec2::254]/",
         "http://100.64.0.1/",
         "http://[64:ff9b::7f00:1]/",
+        "http://[64:ff9b:1::808:808]/",
         "http://[2002:7f00:1::1]/",
         "http://user:pw@10.0.0.1/",
     ]:
@@ -219,8 +234,30 @@ def test_guard_refuses_a_name_if_any_of_its_addresses_is_refused():
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port)),
         ]
 
-    with pytest.raises(DestinationRefused, match=r"mixed\.test \(10\.0\.0\.7\):80.*private"):
+    with pytest.raises(DestinationRefused, match=r"mixed\.test:80.*private") as refused:
         Guard(resolver=both).resolve("mixed.test", 80)
+    assert "mixed.test resolves to a private or reserved address" in str(refused.value)
+
+
+def test_a_refused_name_does_not_reveal_the_address_it_resolves_to(caplog):
+    # given a name that resolves to an internal address
+    def internal(host, port, *args):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.30.40", port))]
+
+    # when the guard refuses it
+    with pytest.raises(DestinationRefused) as refused:
+        Guard(resolver=internal).resolve("api.example.org", 443)
+
+    # then the task's error says why without the address; the operator's log has it
+    message = str(refused.value)
+    assert "api.example.org resolves to a private or reserved address" in message
+    assert "10.20.30.40" not in message
+    assert "10.20.30.40" in caplog.text
+
+
+def test_a_refused_literal_address_is_named():
+    with pytest.raises(DestinationRefused, match=r"10\.0\.0\.1 is a private address"):
+        Guard().resolve("10.0.0.1", 80)
 
 
 def test_transport_refuses_before_any_packet_is_sent():
@@ -234,8 +271,9 @@ def test_transport_refuses_before_any_packet_is_sent():
 def test_transport_refuses_a_name_that_resolves_to_loopback():
     with Listener("127.0.0.1") as listener:
         http = client.make_session(Guard())
-        with pytest.raises(DestinationRefused, match=r"localhost \(127\.0\.0\.1\)"):
+        with pytest.raises(DestinationRefused, match=r"localhost resolves to a private") as e:
             http.get(f"http://localhost:{listener.port}/", timeout=2)
+        assert "127.0.0.1" not in str(e.value)
         assert listener.accepted() == 0
 
 
@@ -358,6 +396,7 @@ def test_ipv6_loopback_is_refused_before_a_connection():
         "http://224.0.0.1/",
         "http://[fe80::1]/",
         "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[64:ff9b:1::808:808]/",
         "http://[2002:a9fe:a9fe::]/",
         "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",
     ],
