@@ -9,9 +9,12 @@
 2. in every string: the userinfo of URLs (``https://user:pw@host`` → ``https://[REDACTED]@host``)
    and ``name: value`` / ``name=value`` / ``"name": "value"`` for those header names and for
    ``password`` and ``token``;
-3. in every string: every known secret value — the ``QW_SECRET_*`` variables of this process,
-   values resolved from ``{"$secret": NAME}`` (``register_secret``), and, while a handler runs
-   inside ``scrubbing(values)``, the sensitive values of the request it is making.
+3. in every string: every known secret value — the ``QW_SECRET_*`` variables of this process
+   (not ``QW_SECRET_*_HOSTS``: a secret's destinations are configuration, and scrubbing them
+   would blank every URL of those hosts), values resolved from ``{"$secret": NAME}``
+   (``register_secret``), and, while a handler runs inside ``scrubbing(values)``, the
+   sensitive values of the request it is making. Each value also in its percent-encoded forms
+   (``quote``, ``quote(safe="")``, ``quote_plus``), as it appears in a URL's path or query.
 
 Two places apply it, and only these two: ``RedactingFilter`` on every log record that reaches
 the configured handlers, and ``RedactedFields`` on the API output fields a serializer names.
@@ -29,6 +32,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
 SENSITIVE_NAMES = frozenset(
@@ -37,6 +41,7 @@ SENSITIVE_NAMES = frozenset(
 SENSITIVE_SUBTREES = frozenset({"auth"})
 SUBTREE_KEEP = frozenset({"type"})
 SECRET_ENV_PREFIX = "QW_SECRET_"  # noqa: S105  # a name prefix, not a secret
+SECRET_HOSTS_SUFFIX = "_HOSTS"  # noqa: S105  # QW_SECRET_<NAME>_HOSTS: where it may be sent
 # Shorter values would blank out ordinary text wherever they happen to occur.
 MIN_SECRET_LENGTH = 4
 
@@ -63,14 +68,30 @@ _scoped: ContextVar[tuple[str, ...]] = ContextVar("qw_redaction_scoped", default
 # --- known secret values -----------------------------------------------------------------------
 
 
+def forms(value: str) -> set[str]:
+    """``value`` and the forms a URL gives it: ``quote`` (path), ``quote(safe="")`` and
+    ``quote_plus`` (query strings, as ``requests`` encodes ``params``)."""
+    return {value, quote(value), quote(value, safe=""), quote_plus(value)}
+
+
 def register_secret(value: str) -> None:
-    """Scrub ``value`` from everything this process logs or shows from now on."""
+    """Scrub ``value`` (in every form of ``forms``) from everything this process logs or shows
+    from now on."""
     global _known_sorted
     if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH or value in _known:
         return
     with _lock:
-        _known.add(value)
+        _known.update(forms(value))
         _known_sorted = tuple(sorted(_known, key=len, reverse=True))
+
+
+def is_secret_variable(name: str) -> bool:
+    """A ``QW_SECRET_*`` variable holding a secret (or the path of a file holding one), not a
+    ``QW_SECRET_<NAME>_HOSTS`` list (or the path of a file holding one)."""
+    if not name.startswith(SECRET_ENV_PREFIX):
+        return False
+    base = name.removesuffix("_FILE")
+    return not base.endswith(SECRET_HOSTS_SUFFIX)
 
 
 def _load_environment() -> None:
@@ -80,7 +101,7 @@ def _load_environment() -> None:
         return
     _env_loaded = True
     for name, value in list(os.environ.items()):
-        if not name.startswith(SECRET_ENV_PREFIX):
+        if not is_secret_variable(name):
             continue
         if name.endswith("_FILE"):
             try:
@@ -93,9 +114,13 @@ def _load_environment() -> None:
 @contextmanager
 def scrubbing(values: Iterable[str]) -> Iterator[None]:
     """Also scrub ``values`` (a request's own credentials) inside this block."""
-    wanted = tuple(
-        sorted({v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH}, key=len)
-    )[::-1]
+    expanded = {
+        form
+        for v in values
+        if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH
+        for form in forms(v)
+    }
+    wanted = tuple(sorted(expanded, key=len, reverse=True))
     token = _scoped.set(_scoped.get() + wanted)
     try:
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import urllib.parse
 
 import pytest
 
@@ -94,6 +95,54 @@ def test_known_secret_values_are_scrubbed_everywhere(monkeypatch, tmp_path):
     # and a value shorter than the minimum is left alone (it would blank ordinary words)
     redaction.register_secret("abc")
     assert redact_text("abc") == "abc"
+
+
+def test_secret_host_lists_and_file_paths_are_not_redacted(monkeypatch, tmp_path):
+    # given a secret with its host list, one from a file with its list from a file too
+    secret_file, hosts_file = tmp_path / "secret-value-file", tmp_path / "hosts"
+    secret_file.write_text("filed-secret-31\n")
+    hosts_file.write_text("filed-hosts.example.org\n")
+    monkeypatch.setenv("QW_SECRET_LISTED", "listed-secret-30")
+    monkeypatch.setenv("QW_SECRET_LISTED_HOSTS", "bound-host.example.org,10.9.8.7:8443")
+    monkeypatch.setenv("QW_SECRET_FILED_FILE", str(secret_file))
+    monkeypatch.setenv("QW_SECRET_FILED_HOSTS_FILE", str(hosts_file))
+    monkeypatch.setattr(redaction, "_env_loaded", False)
+
+    # when text names the hosts, the file paths and the secrets
+    text = (
+        f"GET https://bound-host.example.org/a and https://filed-hosts.example.org/ "
+        f"with listed-secret-30 and filed-secret-31 read from {secret_file}"
+    )
+    shown = redact_text(text)
+
+    # then only the secrets are scrubbed: lists and paths are configuration
+    assert shown == (
+        f"GET https://bound-host.example.org/a and https://filed-hosts.example.org/ "
+        f"with {REDACTED} and {REDACTED} read from {secret_file}"
+    )
+    assert redact_text("bound-host.example.org,10.9.8.7:8443") == (
+        "bound-host.example.org,10.9.8.7:8443"
+    )
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda v: v,
+        urllib.parse.quote,
+        urllib.parse.quote_plus,
+        lambda v: urllib.parse.quote(v, safe=""),
+        lambda v: urllib.parse.urlencode({"k": v}).removeprefix("k="),  # as requests' params
+    ],
+    ids=["raw", "quote", "quote_plus", "quote-safe-empty", "urlencode"],
+)
+def test_percent_encoded_forms_of_a_secret_are_scrubbed(encode):
+    registered, scoped = "reg s3cr/t+val&ue=1", "scoped k3y/+ &=v"
+    redaction.register_secret(registered)
+    url = f"https://api.example.org/v1/{encode(registered)}?x={encode(scoped)}"
+    with redaction.scrubbing([scoped]):
+        shown = redact_text(url)
+    assert shown == f"https://api.example.org/v1/{REDACTED}?x={REDACTED}"
 
 
 def test_scrubbing_covers_a_requests_own_values_only_inside_the_block():
