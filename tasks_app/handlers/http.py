@@ -1,14 +1,17 @@
-"""``HTTP_REQUEST``: call a URL a user gave us, safely, with effects at most once (DESIGN §8).
+"""``HTTP_REQUEST``: call a URL a user gave us, safely, with effects at most once.
 
 1. At create: the payload schema, then ``validate_payload`` (json or body, allowed headers,
-   limits from settings, and the SSRF guard on a literal address: a 400 naming the field).
+   limits from settings, the SSRF guard on a literal address, and every ``{"$secret": NAME}``
+   bound to the URL's host by ``QW_SECRET_<NAME>_HOSTS``: a 400 naming the field).
 2. At run: for a method with effects (POST, PUT, PATCH, DELETE) on a later attempt, a response
    recorded by an earlier attempt whose worker died before finishing is returned as it was,
    and the URL is not requested again.
-3. Secrets (``{"$secret": NAME}``) are resolved, and the request's credentials are scrubbed
-   from everything the attempt writes.
+3. Secrets (``{"$secret": NAME}``) are checked against their bindings again (the lists may
+   have changed since create), resolved, and the request's credentials (in every encoding a
+   URL gives them) are scrubbed from everything the attempt writes.
 4. One exchange over the process's pooled session (``tasks_app.http.client``): the guard checks
-   every connection, redirects are followed up to ``QW_HTTP_MAX_REDIRECTS``, the body is read
+   every connection, redirects are followed up to ``QW_HTTP_MAX_REDIRECTS`` (never to another
+   origin while the request carries a secret; bindings checked per hop), the body is read
    up to ``max_response_bytes``. Every request carries ``Idempotency-Key: qw-<task id>``, the
    same on every retry, unless the payload sets its own.
 5. The outcome: an expected status → the result; ``retry_on_status``, connection errors and
@@ -31,7 +34,7 @@ from queueworker import redaction
 from tasks_app.errors import PermanentError, RetryableError
 from tasks_app.handlers.registry import Context, register
 from tasks_app.http import client, secrets
-from tasks_app.http.guard import DestinationRefused, check_url, parse_allowed_hosts
+from tasks_app.http.guard import DestinationRefused, check_url, parse_allowed_hosts, parse_target
 from tasks_app.http.secrets import or_secret
 from tasks_app.models import TaskLog
 
@@ -162,11 +165,12 @@ def validate_payload(payload: Any) -> list[tuple[str, str]]:
         )
     if "json" in payload:
         problems.extend(secrets.ref_problems(payload["json"], "json"))
+    problems.extend(secrets.binding_problems(payload))
     return problems
 
 
 def task_problems(payload: Any, *, timeout_s: int) -> list[tuple[str, str]]:
-    """The rule that needs the task's own fields (DESIGN §8): the request's ``timeout_s`` must
+    """The rule that needs the task's own fields: the request's ``timeout_s`` must
     not exceed the task's. Checked at create (and for a workflow step, when its definition is
     written); the worker also takes the smaller of the two."""
     value = payload.get("timeout_s") if isinstance(payload, dict) else None
@@ -188,12 +192,18 @@ def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
         recorded = recorded_response(ctx.task_id)
         if recorded is not None:
             return _replay(ctx, recorded)
+    bound = secrets.bindings(payload)
+    hidden = secrets.is_ref(payload["url"])
+    _check_bindings(bound, payload["url"], hidden=hidden)  # before any secret is read
     credentials: list[str] = []
     try:
         resolved = secrets.resolve(payload, credentials)
     except secrets.MissingSecret as exc:
         raise PermanentError(str(exc)) from None
+    if hidden:
+        _check_bindings(bound, resolved["url"], hidden=True)
     out = _outgoing(ctx, resolved, credentials)
+    out.secret_bindings = bound
     with redaction.scrubbing(credentials):
         incoming = _exchange(ctx, out)
         try:
@@ -209,6 +219,20 @@ def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- the request -------------------------------------------------------------------------------
+
+
+def _check_bindings(bound: tuple[secrets.Binding, ...], url: Any, *, hidden: bool) -> None:
+    """Refuse a secret that is not bound to ``url``'s host (a reference: only check that every
+    secret has a list). ``hidden``: the URL came from a secret, so its host is not named."""
+    target = None
+    if isinstance(url, str):
+        try:
+            target = parse_target(url)
+        except ValueError:
+            pass  # the client reports the URL
+    reason = secrets.refusal(bound, target, "the URL's host" if hidden else None)
+    if reason is not None:
+        raise PermanentError(reason)
 
 
 def _outgoing(ctx: Context, payload: dict[str, Any], credentials: list[str]) -> client.Outgoing:
@@ -269,7 +293,7 @@ def _exchange(ctx: Context, out: client.Outgoing) -> client.Incoming:
     try:
         http = client.session(settings.QW_HTTP_ALLOWED_HOSTS)
         return client.exchange(http, out, check_cancelled=ctx.check_cancelled)
-    except DestinationRefused as exc:
+    except (DestinationRefused, secrets.SecretRefused) as exc:
         raise PermanentError(_safe(f"{where}: {exc}")) from None
     except (client.TooManyRedirects, client.BadRedirect) as exc:
         raise PermanentError(_safe(f"{where}: {exc}")) from None

@@ -5,7 +5,10 @@ connections to a host are kept alive and reused by the next task. ``trust_env`` 
 proxies, netrc or CA bundle from the environment) and cookies are never kept, so one task
 cannot see another's. Redirects are followed here, hop by hop, not by requests: each hop is a
 new request through the guarded transport, credentials are dropped when the origin changes,
-and the chain is capped. The body is streamed and cut at the cap.
+and the chain is capped. A request that carries a ``{"$secret": NAME}`` is checked against
+each secret's binding before it is sent and at every hop, and never follows a redirect to
+another origin: the secret may be in its URL, headers or body, and a 307/308 would resend the
+body too. The body is streamed and cut at the cap.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import requests
 from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
 
-from tasks_app.http.guard import Guard, parse_allowed_hosts, parse_target
+from tasks_app.http import secrets
+from tasks_app.http.guard import Guard, Target, parse_allowed_hosts, parse_target
 from tasks_app.http.transport import GuardedAdapter
 
 CHUNK_BYTES = 64 * 1024
@@ -61,6 +65,8 @@ class Outgoing:
     max_bytes: int = 1024 * 1024
     # Header names dropped when a redirect leaves the origin (credentials, secrets).
     private_headers: frozenset[str] = frozenset()
+    # The bindings of the secrets the request carries (anywhere: URL, headers, body).
+    secret_bindings: tuple[secrets.Binding, ...] = ()
 
 
 @dataclass
@@ -111,7 +117,7 @@ def exchange(
     """Send ``out``, follow its redirects, read the body up to the cap.
 
     Raises what requests raises (connection errors, timeouts), ``DestinationRefused`` from the
-    guard, ``TooManyRedirects`` or ``BadRedirect``.
+    guard, ``SecretRefused``, ``TooManyRedirects`` or ``BadRedirect``.
     """
     started = time.perf_counter()
     response, hops = open_response(http, out)
@@ -135,7 +141,7 @@ def exchange(
 def open_response(http: requests.Session, out: Outgoing) -> tuple[requests.Response, int]:
     """Send ``out`` and follow its redirects; return the final response, its body unread
     (the caller reads and closes it), and the number of hops."""
-    parse_target(out.url)  # scheme and host, as the guard will read them (ValueError)
+    _check_secrets(out, parse_target(out.url))  # as the guard will read it (ValueError)
     request = requests.Request(
         out.method,
         out.url,
@@ -157,7 +163,7 @@ def open_response(http: requests.Session, out: Outgoing) -> tuple[requests.Respo
             raise TooManyRedirects(f"more than {out.max_redirects} redirects")
         hops += 1
         try:
-            prepared = _next_hop(http, prepared, response, out.private_headers)
+            prepared = _next_hop(http, prepared, response, out)
         finally:
             _release(response)
     return response, hops
@@ -179,7 +185,7 @@ def _next_hop(
     http: requests.Session,
     prepared: requests.PreparedRequest,
     response: requests.Response,
-    private_headers: frozenset[str],
+    out: Outgoing,
 ) -> requests.PreparedRequest:
     """The request for the redirect's target (requests' own rules, guard-checked per hop)."""
     location = http.get_redirect_target(response) or ""
@@ -188,9 +194,18 @@ def _next_hop(
         location = f"{urlsplit(previous).scheme}:{location}"
     url = requote_uri(urljoin(previous, location))
     try:
-        parse_target(url)
+        target = parse_target(url)
     except ValueError as exc:
         raise BadRedirect(f"redirect to {url!r} refused: {exc}") from None
+    origin = parse_target(previous)
+    if out.secret_bindings and target.origin != origin.origin:
+        names = ", ".join(binding.name for binding in out.secret_bindings)
+        plural = "s" if len(out.secret_bindings) > 1 else ""
+        raise secrets.SecretRefused(
+            f"redirect from {_origin(origin)} to {_origin(target)} not followed: "
+            f"the request carries secret{plural} {names}, sent to its own origin only"
+        )
+    _check_secrets(out, target)
     nxt = prepared.copy()
     nxt.url = url
     method = (nxt.method or "GET").upper()
@@ -201,9 +216,19 @@ def _next_hop(
         for name in _BODY_HEADERS:
             nxt.headers.pop(name, None)
     if http.should_strip_auth(previous, url):
-        for name in {"Authorization", "Proxy-Authorization", "Cookie", *private_headers}:
+        for name in {"Authorization", "Proxy-Authorization", "Cookie", *out.private_headers}:
             nxt.headers.pop(name, None)
     return nxt
+
+
+def _check_secrets(out: Outgoing, target: Target) -> None:
+    reason = secrets.refusal(out.secret_bindings, target)
+    if reason is not None:
+        raise secrets.SecretRefused(reason)
+
+
+def _origin(target: Target) -> str:
+    return f"{target.scheme}://{target.host}:{target.port}"
 
 
 def _release(response: requests.Response) -> None:

@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from django.conf import settings as django_settings
@@ -33,7 +34,12 @@ def server(settings) -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def http_worker(spawn, server):
-    return spawn("worker", QW_HTTP_ALLOWED_HOSTS=server.netloc, QW_SECRET_PLANTED=PLANTED)
+    return spawn(
+        "worker",
+        QW_HTTP_ALLOWED_HOSTS=server.netloc,
+        QW_SECRET_PLANTED=PLANTED,
+        QW_SECRET_PLANTED_HOSTS=server.netloc,
+    )
 
 
 def _create(api, payload: dict[str, Any], **extra: Any) -> str:
@@ -215,11 +221,20 @@ def test_connections_are_reused_across_tasks(api, server, http_worker):
 # --- the SSRF guard on the worker --------------------------------------------------------------
 
 
-def test_refused_destinations_fail_without_retry_and_without_a_connection(api, server, spawn):
+def test_refused_destinations_fail_without_retry_and_without_a_connection(
+    api, server, spawn, monkeypatch
+):
     with Listener("127.0.0.2") as refused, Listener("127.0.0.1") as local:
         # given a worker that allows only the server, and three ways to reach elsewhere
         inner = f"http://127.0.0.2:{refused.port}/secret-url"
-        spawn("worker", QW_HTTP_ALLOWED_HOSTS=server.netloc, QW_SECRET_INNER_URL=inner)
+        inner_hosts = f"127.0.0.2:{refused.port}"
+        monkeypatch.setenv("QW_SECRET_INNER_URL_HOSTS", inner_hosts)  # checked at create
+        spawn(
+            "worker",
+            QW_HTTP_ALLOWED_HOSTS=server.netloc,
+            QW_SECRET_INNER_URL=inner,
+            QW_SECRET_INNER_URL_HOSTS=inner_hosts,
+        )
         server.script(
             "/bounce", Reply(302, headers={"Location": f"http://127.0.0.2:{refused.port}/"})
         )
@@ -234,9 +249,12 @@ def test_refused_destinations_fail_without_retry_and_without_a_connection(api, s
         for task in tasks:
             assert task.status == TaskStatus.FAILED, task.error
             assert task.failure_class == "non_retryable" and task.retries == 0
-            assert "refused to connect" in task.error and "loopback" in task.error
+            assert "refused to connect" in task.error
             assert _events(str(task.id)) == ["created", "started", "failed"]
-        assert "localhost (127.0.0.1)" in tasks[0].error
+        # a name's internal address is not shown; an address written in a URL is
+        assert "localhost resolves to a private or reserved address" in tasks[0].error
+        assert "127.0.0.1" not in tasks[0].error
+        assert "127.0.0.2 is a loopback address" in tasks[1].error
         assert inner not in tasks[2].error
         assert len(server.received("/bounce")) == 1
         assert refused.accepted() == 0
@@ -286,12 +304,18 @@ def _echo_key(request: Received) -> str:
 
 
 def test_a_planted_secret_reaches_no_log_error_response_message_or_page(
-    api, client, staff_user, server, spawn
+    api, client, staff_user, server, spawn, monkeypatch
 ):
     tap = Tap()
     try:
         # given a worker holding the secret, and a server that echoes what it receives
-        proc = spawn("worker", QW_HTTP_ALLOWED_HOSTS=server.netloc, QW_SECRET_PLANTED=PLANTED)
+        monkeypatch.setenv("QW_SECRET_PLANTED_HOSTS", server.netloc)  # checked at create
+        proc = spawn(
+            "worker",
+            QW_HTTP_ALLOWED_HOSTS=server.netloc,
+            QW_SECRET_PLANTED=PLANTED,
+            QW_SECRET_PLANTED_HOSTS=server.netloc,
+        )
         busy = iter([Reply(503, body="busy")])
         server.script("/fail", lambda r: Reply(404, body=_echo_key(r)))
         server.script("/busy", lambda r: next(busy, Reply(body=_echo_key(r))))
@@ -351,6 +375,79 @@ def test_a_planted_secret_reaches_no_log_error_response_message_or_page(
         assert '"payload"' not in messages
     finally:
         tap.close()
+
+
+ENCODED = "enc Qx8/secret+value&x=1"  # a query string percent-encodes it
+
+
+def test_a_secret_never_follows_a_redirect_to_another_origin_nor_shows_encoded(
+    api, server, spawn, monkeypatch
+):
+    with LoopbackServer() as other:
+        # given two servers, both allowed and both bound to the secrets, the first redirecting
+        # a POST to the second with a 307 (which would resend its body)
+        both = f"{server.netloc},{other.netloc}"
+        monkeypatch.setenv("QW_SECRET_PLANTED_HOSTS", both)
+        monkeypatch.setenv("QW_SECRET_ENCODED_HOSTS", both)
+        proc = spawn(
+            "worker",
+            QW_HTTP_ALLOWED_HOSTS=both,
+            QW_SECRET_PLANTED=PLANTED,
+            QW_SECRET_PLANTED_HOSTS=both,
+            QW_SECRET_ENCODED=ENCODED,
+            QW_SECRET_ENCODED_HOSTS=both,
+        )
+        server.script("/away", Reply(307, headers={"Location": other.url("/landed")}))
+        redirected = _create(
+            api,
+            {
+                "url": server.url("/away"),
+                "method": "POST",
+                "headers": {"X-Api-Key": {"$secret": "PLANTED"}},
+                "params": {"api_key": {"$secret": "ENCODED"}},
+                "json": {"token": {"$secret": "PLANTED"}},
+            },
+        )
+        in_query = _create(
+            api,
+            {
+                "url": server.url("/query"),
+                "method": "POST",
+                "params": {"k": {"$secret": "ENCODED"}},
+            },
+        )
+
+        # when the worker runs them
+        failed, completed = _finished(redirected, in_query)
+
+        # then the redirect is not followed: the task fails at once, the other origin sees nothing
+        assert failed.status == TaskStatus.FAILED and failed.failure_class == "non_retryable"
+        assert failed.retries == 0
+        assert (
+            f"redirect from http://{server.netloc} to http://{other.netloc} not followed"
+            in failed.error
+        )
+        assert "carries secrets PLANTED, ENCODED" in failed.error
+        assert not other.requests
+        assert len(server.received("/away")) == 1
+    # and the secret in a query string went out, but no form of it is stored or logged
+    assert completed.status == TaskStatus.COMPLETED, completed.error
+    assert server.received("/query")[0].query == {"k": [ENCODED]}
+    assert completed.result["url"] == server.url("/query?k=[REDACTED]")
+    readable = json.dumps(
+        [
+            list(Task.objects.values("result", "error", "payload")),
+            list(TaskLog.objects.values("message", "data")),
+            proc.output(),
+        ],
+        default=str,
+    )
+    forms = {PLANTED, ENCODED, quote(ENCODED), quote_plus(ENCODED), quote(ENCODED, safe="")}
+    for form in forms:
+        assert form not in readable, form
+    assert "[REDACTED]" in json.dumps(
+        list(TaskLog.objects.filter(task_id=in_query, event="http_response").values("message"))
+    )
 
 
 # --- at most once ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -244,9 +245,10 @@ def test_credentials_do_not_follow_a_redirect_to_another_origin(server, ctx, set
 def test_a_name_resolving_to_loopback_is_refused_without_a_connection(settings, ctx):
     settings.QW_HTTP_ALLOWED_HOSTS = []
     with Listener("127.0.0.1") as listener:
-        with pytest.raises(PermanentError, match=r"localhost \(127\.0\.0\.1\).*loopback"):
+        with pytest.raises(PermanentError, match=r"localhost resolves to a private") as refused:
             http_request(ctx, {"url": f"http://localhost:{listener.port}/"})
         assert listener.accepted() == 0
+    assert "127.0.0.1" not in str(refused.value)  # the internal address is the operator's
 
 
 def test_a_redirect_to_a_refused_address_is_refused_without_a_connection(server, ctx):
@@ -316,7 +318,9 @@ def test_a_payloads_own_idempotency_key_wins(server, ctx):
 
 def test_secrets_are_resolved_at_send_time_and_scrubbed_from_the_result(server, ctx, monkeypatch):
     monkeypatch.setenv("QW_SECRET_API_TOKEN", "s3cr3t-token-value")
+    monkeypatch.setenv("QW_SECRET_API_TOKEN_HOSTS", server.netloc)
     monkeypatch.setenv("QW_SECRET_TENANT", "tenant-zz")
+    monkeypatch.setenv("QW_SECRET_TENANT_HOSTS", f"elsewhere.test, {server.host}")
     payload = {
         "url": server.url("/echo"),
         "method": "POST",
@@ -342,6 +346,7 @@ def test_secrets_are_resolved_at_send_time_and_scrubbed_from_the_result(server, 
 
 def test_a_missing_secret_fails_naming_its_variable(server, ctx, monkeypatch):
     monkeypatch.delenv("QW_SECRET_NOPE", raising=False)
+    monkeypatch.setenv("QW_SECRET_NOPE_HOSTS", server.netloc)
     with pytest.raises(PermanentError, match="QW_SECRET_NOPE"):
         http_request(ctx, {"url": server.url("/x"), "headers": {"X": {"$secret": "NOPE"}}})
     assert not server.requests
@@ -351,8 +356,126 @@ def test_a_secret_file_is_read_at_send_time(server, ctx, monkeypatch, tmp_path):
     secret_file = tmp_path / "token"
     secret_file.write_text("from-a-file-1\n")
     monkeypatch.setenv("QW_SECRET_FILED_FILE", str(secret_file))
+    monkeypatch.setenv("QW_SECRET_FILED_HOSTS", server.netloc)
     http_request(ctx, {"url": server.url("/f"), "headers": {"X-Key": {"$secret": "FILED"}}})
     assert server.received("/f")[0].header("X-Key") == "from-a-file-1"
+
+
+@pytest.mark.parametrize("hosts", [None, "api.example.org", "127.0.0.1:1"])
+def test_a_secret_not_bound_to_the_url_fails_before_anything_is_sent(
+    server, ctx, monkeypatch, hosts
+):
+    # given a task queued before its secret was bound (or bound to another destination)
+    monkeypatch.setenv("QW_SECRET_UNBOUND", "unbound-value-77")
+    if hosts is None:
+        monkeypatch.delenv("QW_SECRET_UNBOUND_HOSTS", raising=False)
+    else:
+        monkeypatch.setenv("QW_SECRET_UNBOUND_HOSTS", hosts)
+
+    # when it runs, then it fails at once naming the secret and the destination
+    with pytest.raises(PermanentError) as refused:
+        http_request(ctx, {"url": server.url("/x"), "headers": {"X-Key": {"$secret": "UNBOUND"}}})
+    assert str(refused.value).startswith(f"secret UNBOUND is not bound to {server.netloc}")
+    if hosts is None:
+        assert "QW_SECRET_UNBOUND_HOSTS is not set" in str(refused.value)
+    assert not server.requests
+
+
+def test_a_url_from_a_secret_is_checked_against_its_list_without_naming_its_host(
+    server, ctx, monkeypatch
+):
+    monkeypatch.setenv("QW_SECRET_ENDPOINT", server.url("/hidden"))
+    monkeypatch.setenv("QW_SECRET_ENDPOINT_HOSTS", "api.example.org")
+    with pytest.raises(PermanentError) as refused:
+        http_request(ctx, {"url": {"$secret": "ENDPOINT"}})
+    assert str(refused.value) == "secret ENDPOINT is not bound to the URL's host"
+    assert not server.requests
+
+    monkeypatch.setenv("QW_SECRET_ENDPOINT_HOSTS", server.netloc)
+    assert http_request(ctx, {"url": {"$secret": "ENDPOINT"}})["status_code"] == 200
+    assert server.received("/hidden")
+
+
+SECRET_PLACES: dict[str, dict[str, Any]] = {
+    "header": {"headers": {"X-Token": {"$secret": "CARRIED"}}},
+    "auth": {"auth": {"type": "bearer", "token": {"$secret": "CARRIED"}}},
+    "param": {"params": {"token": {"$secret": "CARRIED"}}},
+    "json": {"json": {"token": {"$secret": "CARRIED"}}},
+    "body": {"body": {"$secret": "CARRIED"}},
+}
+
+
+@pytest.mark.parametrize("status", [302, 307, 308])
+@pytest.mark.parametrize("place", sorted(SECRET_PLACES))
+def test_a_redirect_to_another_origin_is_not_followed_with_a_secret(
+    server, ctx, settings, monkeypatch, status, place
+):
+    with LoopbackServer() as other:
+        # given a secret bound to two servers, and the first redirecting to the second
+        settings.QW_HTTP_ALLOWED_HOSTS = [server.netloc, other.netloc]
+        monkeypatch.setenv("QW_SECRET_CARRIED", "carried-secret-value-5")
+        monkeypatch.setenv("QW_SECRET_CARRIED_HOSTS", f"{server.netloc},{other.netloc}")
+        server.script("/away", Reply(status, headers={"Location": other.url("/landed")}))
+        payload = {"url": server.url("/away"), "method": "POST", **SECRET_PLACES[place]}
+
+        # when the task runs, then it fails at once and the other origin sees nothing
+        with pytest.raises(PermanentError) as refused:
+            http_request(ctx, payload)
+        assert not other.requests
+    message = str(refused.value)
+    assert f"redirect from http://{server.netloc} to http://{other.netloc} not followed" in message
+    assert "carries secret CARRIED" in message
+    assert "carried-secret-value-5" not in message
+    assert len(server.received("/away")) == 1
+
+
+def test_a_redirect_within_the_origin_is_followed_with_a_secret(server, ctx, monkeypatch):
+    monkeypatch.setenv("QW_SECRET_CARRIED", "carried-secret-value-6")
+    monkeypatch.setenv("QW_SECRET_CARRIED_HOSTS", server.netloc)
+    server.script("/moved", Reply(307, headers={"Location": "/here"}))
+    result = http_request(
+        ctx,
+        {"url": server.url("/moved"), "method": "POST", "json": {"t": {"$secret": "CARRIED"}}},
+    )
+    assert result["redirects"] == 1
+    assert server.received("/here")[0].json() == {"t": "carried-secret-value-6"}
+
+
+ENCODED_SECRET = "k3y with/slash+plus&amp=eq"
+
+
+@pytest.mark.django_db
+def test_a_secret_in_params_is_in_no_stored_url_error_or_log(server, monkeypatch):
+    # given a secret that a query string percent-encodes, sent as a param
+    monkeypatch.setenv("QW_SECRET_API_KEY", ENCODED_SECRET)
+    monkeypatch.setenv("QW_SECRET_API_KEY_HOSTS", server.netloc)
+    server.script("/refuse", Reply(422, body="no"))
+    params = {"params": {"api_key": {"$secret": "API_KEY"}}}
+    completed = make_task(type="HTTP_REQUEST", attempt=1)
+    failed = make_task(type="HTTP_REQUEST", attempt=1)
+
+    # when one task completes and one fails, both POSTs (so both record a log row)
+    result = http_request(
+        TaskContext(completed), {"url": server.url("/ok"), "method": "POST", **params}
+    )
+    with pytest.raises(PermanentError) as failure:
+        http_request(
+            TaskContext(failed), {"url": server.url("/refuse"), "method": "POST", **params}
+        )
+
+    # then the server got it, and no form of it is in the result, the error or the log rows
+    assert server.received("/ok")[0].query == {"api_key": [ENCODED_SECRET]}
+    logs = list(TaskLog.objects.filter(task__in=[completed, failed]).values("message", "data"))
+    shown = json.dumps([result, str(failure.value), logs])
+    for form in (
+        ENCODED_SECRET,
+        quote(ENCODED_SECRET),
+        quote_plus(ENCODED_SECRET),
+        quote(ENCODED_SECRET, safe=""),
+    ):
+        assert form not in shown, form
+    assert result["url"] == server.url("/ok?api_key=[REDACTED]")
+    assert "api_key=[REDACTED]" in str(failure.value)
 
 
 # --- at most once ------------------------------------------------------------------------------

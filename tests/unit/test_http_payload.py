@@ -49,7 +49,9 @@ def test_a_full_payload_is_accepted_and_routed_to_its_queue(api):
     assert Task.objects.get(pk=response.json()["id"]).queue == "http.request"
 
 
-def test_secret_references_are_accepted_wherever_a_string_is(api):
+def test_secret_references_are_accepted_wherever_a_string_is(api, monkeypatch):
+    monkeypatch.setenv("QW_SECRET_API_TOKEN_HOSTS", "api.example.com")
+    monkeypatch.setenv("QW_SECRET_ENDPOINT_HOSTS", "api.example.com")
     secret = {"$secret": "API_TOKEN"}
     payload = {
         "url": {"$secret": "ENDPOINT"},
@@ -62,6 +64,44 @@ def test_secret_references_are_accepted_wherever_a_string_is(api):
     assert response.status_code == 201, response.content
     assert Task.objects.get(pk=response.json()["id"]).payload == payload  # never resolved
     assert _create(api, {"url": URL, "method": "POST", "body": secret}).status_code == 201
+
+
+def test_a_secret_not_bound_to_the_url_is_400_naming_its_field(api, monkeypatch):
+    # given a secret bound to one API, a secret with no list, and no value in this process
+    monkeypatch.setenv("QW_SECRET_ORDERS_TOKEN_HOSTS", "orders.example.com")
+    monkeypatch.delenv("QW_SECRET_ORDERS_TOKEN", raising=False)
+    monkeypatch.delenv("QW_SECRET_LOOSE_HOSTS", raising=False)
+
+    # when a task would send them elsewhere
+    elsewhere = _create(
+        api,
+        {
+            "url": URL,
+            "headers": {"X-Api-Key": {"$secret": "ORDERS_TOKEN"}},
+            "params": {"k": {"$secret": "LOOSE"}},
+        },
+    )
+    unbound_url = _create(api, {"url": {"$secret": "LOOSE"}})
+    bound = _create(
+        api,
+        {
+            "url": "https://Orders.Example.com/v1",
+            "auth": {"type": "bearer", "token": {"$secret": "ORDERS_TOKEN"}},
+        },
+    )
+
+    # then each field at fault is named, and only the bound one is created
+    assert _payload_errors(elsewhere) == {
+        "headers": ["X-Api-Key: secret ORDERS_TOKEN is not bound to api.example.com"],
+        "params": [
+            "k: secret LOOSE is not bound to api.example.com (QW_SECRET_LOOSE_HOSTS is not set)"
+        ],
+    }
+    assert _payload_errors(unbound_url) == {
+        "url": ["secret LOOSE is not bound to any host (QW_SECRET_LOOSE_HOSTS is not set)"]
+    }
+    assert bound.status_code == 201, bound.content
+    assert Task.objects.count() == 1
 
 
 @pytest.mark.parametrize(
