@@ -14,6 +14,9 @@ Any other field of a kustomization raises, so an overlay cannot use a feature th
 would render wrongly. Where ``kubectl`` is installed, a test compares ``kubectl kustomize``'s
 output with this renderer's.
 
+For NetworkPolicies, ``egress_allows`` answers whether a pod may connect to an address and
+port, from the policies that select it (label selectors, ipBlocks with ``except``, ports).
+
 For compose.yaml, ``interpolate`` resolves ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``
 as ``docker compose`` does, with ``.env.example``'s values or none.
 """
@@ -22,10 +25,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ SCHEMAS = ROOT / "tests" / "schemas"
 OVERLAYS = ("dev", "prod")
 
 Resource = dict[str, Any]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SUPPORTED_FIELDS = {
     "apiVersion",
@@ -309,6 +314,99 @@ def by_kind(resources: list[Resource], kind: str) -> dict[str, Resource]:
 def rendered(overlay: str) -> tuple[Resource, ...]:
     """An overlay, rendered once per test session (tests must not modify it)."""
     return tuple(render(DEPLOY / "overlays" / overlay))
+
+
+# --- NetworkPolicy ------------------------------------------------------------------------------
+
+
+def selector_matches(selector: Resource, labels: dict[str, str]) -> bool:
+    """A LabelSelector (``matchLabels`` and ``matchExpressions``) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        label, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        if operator == "In" and labels.get(label) not in values:
+            return False
+        if operator == "NotIn" and label in labels and labels[label] in values:
+            return False
+        if operator == "Exists" and label not in labels:
+            return False
+        if operator == "DoesNotExist" and label in labels:
+            return False
+    return True
+
+
+def policy_types(policy: Resource) -> list[str]:
+    """A NetworkPolicy's types; without the field, Kubernetes' default."""
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def policies_for(resources: Iterable[Resource], pod_labels: dict[str, str], direction: str):
+    """The NetworkPolicies of ``direction`` (Ingress or Egress) that select a pod."""
+    return [
+        policy
+        for policy in resources
+        if policy["kind"] == "NetworkPolicy"
+        and direction in policy_types(policy)
+        and selector_matches(policy["spec"]["podSelector"], pod_labels)
+    ]
+
+
+def port_allowed(
+    ports: list[Resource] | None, port: int, protocol: str, named: dict[str, int] | None = None
+) -> bool:
+    """Whether a rule's ``ports`` (none: every port) let ``port``/``protocol`` through."""
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        number = entry.get("port")
+        if number is None:
+            return True
+        if isinstance(number, str):
+            number = (named or {}).get(number)
+            if number == port:
+                return True
+        elif number <= port <= entry.get("endPort", number):
+            return True
+    return False
+
+
+def ip_block_contains(block: Resource, address: IPAddress) -> bool:
+    if address not in ipaddress.ip_network(block["cidr"]):
+        return False
+    return not any(address in ipaddress.ip_network(c) for c in block.get("except", []))
+
+
+def egress_allows(
+    resources: Iterable[Resource],
+    pod_labels: dict[str, str],
+    address: str,
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    """Whether a pod may connect to ``address`` (outside the cluster) on ``port``.
+
+    A peer that selects pods or namespaces never matches an outside address; a rule without
+    ``to`` matches every destination. A pod that no Egress policy selects may go anywhere.
+    """
+    policies = policies_for(resources, pod_labels, "Egress")
+    if not policies:
+        return True
+    ip = ipaddress.ip_address(address)
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            if not port_allowed(rule.get("ports"), port, protocol):
+                continue
+            peers = rule.get("to")
+            if not peers or any(
+                "ipBlock" in peer and ip_block_contains(peer["ipBlock"], ip) for peer in peers
+            ):
+                return True
+    return False
 
 
 # --- commands and queues -----------------------------------------------------------------------
