@@ -31,7 +31,8 @@ COPY tasks_app/ tasks_app/
 COPY workflows_app/ workflows_app/
 # Every dependency ships a wheel for linux/amd64 and linux/arm64, so no compiler is needed even
 # here; a dependency without one would be built in this stage, never in the runtime image.
-RUN pip wheel --wheel-dir /wheels .
+# The s3 extra (django-storages, boto3) lets artifacts live in object storage (deploy/ prod).
+RUN pip wheel --wheel-dir /wheels ".[s3]"
 
 # --- runtime: the wheels, the entrypoint, collected static files; no build tools -----------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -51,7 +52,7 @@ RUN groupadd --system --gid 10001 queueworker \
 
 # The wheels are mounted from the build stage for this one step: they never become a layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels queueworker
+    pip install --no-index --find-links=/wheels "queueworker[s3]"
 
 WORKDIR /app
 COPY manage.py ./

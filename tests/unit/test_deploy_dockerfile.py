@@ -14,13 +14,23 @@ import json
 import re
 import subprocess
 import threading
+import tomllib
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from packaging.requirements import Requirement
 
-from tests.unit._deploy import ROOT, dockerfile_instructions, dockerfile_stages, shell_words
+from tests.unit._deploy import (
+    OVERLAYS,
+    ROOT,
+    by_kind,
+    dockerfile_instructions,
+    dockerfile_stages,
+    rendered,
+    shell_words,
+)
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 STAGES = dict(dockerfile_stages(DOCKERFILE))
@@ -77,6 +87,26 @@ def test_runtime_is_python_3_11_slim():
     for stage in froms:
         image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], stage.split()[0])
         assert re.fullmatch(r"python:3\.11-slim(-\w+)?", image), image
+
+
+def test_image_installs_the_s3_extra_that_the_overlays_storage_needs():
+    # given the storage backends the overlays configure, and the project's extras
+    backends = {
+        config_map["data"].get("QW_ARTIFACT_STORAGE", "")
+        for overlay in OVERLAYS
+        for config_map in by_kind(list(rendered(overlay)), "ConfigMap").values()
+    }
+    assert "storages.backends.s3.S3Storage" in backends
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (storages,) = [Requirement(r) for r in extras["s3"] if Requirement(r).name == "django-storages"]
+    assert "s3" in storages.extras  # boto3
+    # then the wheels include the extra, and the runtime installs it
+    (wheel,) = [run for run in _instructions(STAGES["build"], "RUN") if "pip wheel" in run]
+    assert ".[s3]" in shell_words(wheel)
+    (install,) = [run for run in _instructions(RUNTIME, "RUN") if "pip install" in run]
+    assert "queueworker[s3]" in shell_words(install)
 
 
 def test_runtime_stage_has_no_build_tools():

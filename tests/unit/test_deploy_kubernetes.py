@@ -11,6 +11,7 @@ tests/unit/_deploy.py's small kustomize and, where ``kubectl`` exists, compared 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -56,7 +57,23 @@ DEPLOYMENTS = {
     "queueworker-flower",
     *WORKERS,
 }
+NETWORK_POLICIES = {
+    "queueworker-default-deny-ingress",
+    "queueworker-web",
+    "queueworker-flower",
+    "queueworker-worker-egress",
+}
 APP_UID = 10001  # the Dockerfile's USER
+# Artifacts: the processes that read or write them (web streams results, workers write them,
+# beat's sweep deletes expired ones), and settings.py's default storage under the image's
+# QW_VAR_DIR (/app/var).
+ARTIFACT_USERS = ("queueworker-web", "queueworker-beat", *WORKERS)
+FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
+S3_STORAGE = "storages.backends.s3.S3Storage"
+ARTIFACT_ROOT = "/app/var/artifacts"
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# A one-node development cluster: a ReadWriteOnce volume is shared by every pod of its node.
+ONE_NODE_OVERLAYS = {"dev"}
 HARD_LIMIT_GRACE_S = 10  # tasks_app.dispatch: a task's hard limit is its timeout + 10 s
 
 
@@ -149,6 +166,7 @@ def test_overlay_renders_the_whole_service(overlay):
     assert set(by_kind(resources, "Service")) == {"queueworker-web", "queueworker-flower"}
     assert set(by_kind(resources, "HorizontalPodAutoscaler")) >= {"queueworker-web"}
     assert set(by_kind(resources, "PodDisruptionBudget")) == {"queueworker-web", *WORKERS}
+    assert set(by_kind(resources, "NetworkPolicy")) == NETWORK_POLICIES
     assert not by_kind(resources, "Secret"), "no secret values are committed"
     for resource in resources:
         if resource["kind"] != "Namespace":
@@ -190,9 +208,13 @@ def test_every_resource_validates_against_its_schema(overlay, version):
 
 
 def test_base_and_components_validate_on_their_own():
-    for directory in ("base", "components/keda", "components/worker-hpa"):
+    components = sorted(p.name for p in (DEPLOY / "components").iterdir())
+    assert components == ["artifacts-s3", "artifacts-volume", "keda", "worker-hpa"]
+    for directory in ("base", *(f"components/{name}" for name in components)):
+        kustomization = yaml.safe_load((DEPLOY / directory / "kustomization.yaml").read_text())
+        patches = {patch["path"] for patch in kustomization.get("patches", [])}
         for path in sorted((DEPLOY / directory).glob("*.yaml")):
-            if path.name == "kustomization.yaml":
+            if path.name == "kustomization.yaml" or path.name in patches:
                 continue
             for resource in load_yaml_documents(path):
                 validate(resource, K8S_VERSIONS[-1])
@@ -342,10 +364,13 @@ def test_pods_meet_the_restricted_pod_security_standard(overlay):
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False
             assert security["capabilities"]["drop"] == ["ALL"]
-            # a read-only root: the only writable place is an emptyDir on /tmp
+            # a read-only root: the writable places are an emptyDir on /tmp and, where the
+            # artifacts live on a shared volume, that claim at the artifact root
             assert security["readOnlyRootFilesystem"] is True
-            (mount,) = container["volumeMounts"]
-            assert mount["mountPath"] == "/tmp" and "emptyDir" in volumes[mount["name"]]
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+            assert "emptyDir" in mounts.pop("/tmp")
+            for path, volume in mounts.items():
+                assert path == ARTIFACT_ROOT and "persistentVolumeClaim" in volume, path
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -364,8 +389,10 @@ def test_configuration_comes_from_the_configmap_and_the_secret(overlay):
                 assert [s["secretRef"]["name"] for s in sources if "secretRef" in s] == [
                     SECRET_NAME
                 ]
-                # no value written into a manifest
-                assert "env" not in container, container["name"]
+                # no value written into a manifest: `env` only refers to a Secret's keys
+                for var in container.get("env", []):
+                    assert set(var) == {"name", "valueFrom"}, var
+                    assert set(var["valueFrom"]) == {"secretKeyRef"}, var
     for secret_setting in ("DJANGO_SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL"):
         assert secret_setting not in settings
 
@@ -382,6 +409,108 @@ def test_one_image_for_every_container(overlay):
     assert len(images) == 1
     _, tag = split_image(images.pop())
     assert tag and (overlay == "dev" or tag != "latest")
+
+
+# --- artifacts storage --------------------------------------------------------------------------
+
+
+def _environment(resources, container: Resource) -> dict[str, object]:
+    """A container's variables: its ConfigMaps' values, then its ``env`` (a value or a ref)."""
+    config_maps = by_kind(resources, "ConfigMap")
+    environ: dict[str, object] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            environ.update(config_maps[source["configMapRef"]["name"]]["data"])
+    for var in container.get("env", []):
+        environ[var["name"]] = var.get("value", var.get("valueFrom"))
+    return environ
+
+
+def _artifact_storage(resources, deployment: str, *, one_node: bool) -> tuple:
+    """Where a process keeps artifacts, checked to be shared by every pod of the service."""
+    pod = by_kind(resources, "Deployment")[deployment]["spec"]["template"]["spec"]
+    container = _container(resources, deployment)
+    environ = _environment(resources, container)
+    backend = environ.get("QW_ARTIFACT_STORAGE", FILE_SYSTEM_STORAGE)
+    if backend == FILE_SYSTEM_STORAGE:
+        # a read-only root, and each pod's own disk anyway: only a volume that every pod
+        # mounts at the artifact root lets web read what a worker wrote
+        root = environ.get("QW_ARTIFACT_ROOT", ARTIFACT_ROOT)
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        assert root in mounts, f"{deployment}: FileSystemStorage at {root}, no volume there"
+        assert not mounts[root].get("readOnly"), deployment
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[root]["name"])
+        assert "persistentVolumeClaim" in volume, f"{deployment}: {volume} is not shared"
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        modes = by_kind(resources, "PersistentVolumeClaim")[claim]["spec"]["accessModes"]
+        shared = {"ReadWriteMany", "ReadWriteOnce"} if one_node else {"ReadWriteMany"}
+        assert set(modes) & shared, (deployment, claim, modes)
+        return (backend, root, claim)
+    assert backend == S3_STORAGE, backend
+    options = json.loads(str(environ["QW_ARTIFACT_STORAGE_OPTIONS"]))
+    assert options["bucket_name"] and options["region_name"], options
+    assert not {"access_key", "secret_key", "security_token"} & set(options), "credentials"
+    secrets = []
+    for name in S3_CREDENTIALS:
+        reference = environ.get(name)
+        assert isinstance(reference, dict), f"{deployment}: {name} is not from a Secret"
+        assert reference["secretKeyRef"]["key"] == name
+        secrets.append(reference["secretKeyRef"]["name"])
+    return (backend, json.dumps(options, sort_keys=True), *secrets)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_web_beat_and_workers_share_one_artifact_storage(overlay):
+    resources = rendered(overlay)
+    storages = {
+        name: _artifact_storage(resources, name, one_node=overlay in ONE_NODE_OVERLAYS)
+        for name in ARTIFACT_USERS
+    }
+    assert len(set(storages.values())) == 1, storages
+
+
+def test_prod_keeps_artifacts_in_object_storage():
+    resources = rendered("prod")
+    backend, *_ = _artifact_storage(resources, "queueworker-worker-data", one_node=False)
+    assert backend == S3_STORAGE
+    assert not by_kind(resources, "PersistentVolumeClaim")
+    # the credentials only where artifacts are used (not Flower, not the migration)
+    for resource in resources:
+        for pod in pod_specs(resource):
+            for container in containers(pod):
+                if container["name"] in ("flower", "migrate", "wait-for-migrations"):
+                    assert "env" not in container, container["name"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("storages") is None, reason="django-storages[s3] is not installed"
+)
+def test_prod_storage_options_are_s3_storage_settings():
+    from storages.backends.s3 import S3Storage
+
+    options = json.loads(config(rendered("prod"))["QW_ARTIFACT_STORAGE_OPTIONS"])
+    storage = S3Storage(**options)  # an unknown option raises ImproperlyConfigured
+    assert storage.bucket_name == options["bucket_name"]
+
+
+def test_artifacts_volume_component_replaces_s3_in_prod(tmp_path: Path):
+    # given prod with the documented swap: components/artifacts-volume instead of artifacts-s3,
+    # and no S3 options
+    overlay = _prod_with_component(
+        tmp_path, "artifacts-s3", "artifacts-volume", drop="QW_ARTIFACT_STORAGE_OPTIONS"
+    )
+    # when rendered
+    resources = render(overlay)
+    # then one ReadWriteMany claim at the artifact root of web, beat and every worker, no S3
+    storages = {_artifact_storage(resources, name, one_node=False) for name in ARTIFACT_USERS}
+    assert storages == {(FILE_SYSTEM_STORAGE, ARTIFACT_ROOT, "queueworker-artifacts")}
+    (claim,) = by_kind(resources, "PersistentVolumeClaim").values()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "QW_ARTIFACT_STORAGE_OPTIONS" not in config(resources)
+    for resource in resources:
+        for pod in pod_specs(resource):
+            assert not any("env" in c for c in containers(pod))
+        validate(resource, K8S_VERSIONS[-1])
 
 
 # --- autoscaling and disruption ----------------------------------------------------------------
@@ -430,18 +559,32 @@ def test_dev_has_no_keda():
     assert not by_kind(list(rendered("dev")), "ScaledObject")
 
 
-def test_hpa_fallback_component_renders_and_replaces_keda(tmp_path: Path):
-    # given prod with the documented swap: components/worker-hpa instead of components/keda
-    overlay = tmp_path / "prod-hpa"
+def _prod_with_component(tmp_path: Path, old: str, new: str, drop: str | None = None) -> Path:
+    """A copy of the prod overlay with component ``new`` in place of ``old`` (and the
+    ConfigMap literal ``drop`` removed), as the README tells a cluster without ``old``."""
+    overlay = tmp_path / f"prod-{new}"
     shutil.copytree(DEPLOY / "overlays" / "prod", overlay)
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
     kustomization["resources"] = [
         str(DEPLOY / "base") if entry == "../../base" else entry
         for entry in kustomization["resources"]
     ]
-    assert kustomization["components"] == ["../../components/keda"]
-    kustomization["components"] = [str(DEPLOY / "components" / "worker-hpa")]
+    assert f"../../components/{old}" in kustomization["components"]
+    names = [Path(entry).name for entry in kustomization["components"]]
+    kustomization["components"] = [
+        str(DEPLOY / "components" / (new if name == old else name)) for name in names
+    ]
+    (generator,) = kustomization["configMapGenerator"]
+    generator["literals"] = [
+        literal for literal in generator["literals"] if literal.partition("=")[0] != drop
+    ]
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return overlay
+
+
+def test_hpa_fallback_component_renders_and_replaces_keda(tmp_path: Path):
+    # given prod with the documented swap: components/worker-hpa instead of components/keda
+    overlay = _prod_with_component(tmp_path, "keda", "worker-hpa")
     # when rendered
     resources = render(overlay)
     # then every worker has a CPU HPA, nothing of KEDA is left, and it all validates
@@ -498,7 +641,9 @@ def test_readme_documents_the_deploy_commands():
     for snippet in (
         "kubectl apply -k deploy/overlays/prod",
         "components/worker-hpa",
+        "components/artifacts-volume",
         "queueworker-secrets",
+        "queueworker-artifacts",
         "docker compose up",
     ):
         assert snippet in readme, snippet
