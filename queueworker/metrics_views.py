@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from queueworker import metrics
+from queueworker.db_router import ReplicaReadsMixin
 from tasks_app.metrics import metrics_summary
 
 
@@ -85,7 +86,7 @@ class MetricsOutput(serializers.Serializer):
     compensations = ByStatusOutput(help_text="COMPENSATION tasks of workflow runs.")
 
 
-class MetricsView(APIView):
+class MetricsView(ReplicaReadsMixin, APIView):
     """Task and workflow figures: the caller's own, or everyone's for staff."""
 
     @extend_schema(responses=MetricsOutput)

@@ -139,7 +139,40 @@ else:
 _db["CONN_HEALTH_CHECKS"] = True
 DATABASES = {"default": _db}
 IS_POSTGRES = _db["ENGINE"] == "django.db.backends.postgresql"
+# A PostgreSQL read replica for the read-only API (queueworker.db_router); everything else,
+# migrations included, stays on the primary.
+DATABASE_REPLICA_URL = env.str("DATABASE_REPLICA_URL", "")
+if DATABASE_REPLICA_URL:
+    try:
+        _replica: dict[str, Any] = environ.Env.db_url_config(DATABASE_REPLICA_URL)
+    except Exception as exc:
+        raise ImproperlyConfigured(f"DATABASE_REPLICA_URL is not a valid URL: {exc}") from exc
+    if not IS_POSTGRES or _replica["ENGINE"] not in (
+        "django.db.backends.postgresql",
+        "django.db.backends.postgresql_psycopg2",
+    ):
+        raise ImproperlyConfigured("DATABASE_REPLICA_URL and DATABASE_URL must be PostgreSQL")
+    _replica["ENGINE"] = "django.db.backends.postgresql"
+    _replica.setdefault("OPTIONS", {})
+    for _option in ("connect_timeout", "server_side_binding", "prepare_threshold"):
+        _replica["OPTIONS"].setdefault(_option, _db["OPTIONS"][_option])
+    _replica.update(
+        CONN_MAX_AGE=_db["CONN_MAX_AGE"], CONN_HEALTH_CHECKS=True, TEST={"MIRROR": "default"}
+    )
+    DATABASES["replica"] = _replica
+    DATABASE_ROUTERS = ["queueworker.db_router.PrimaryReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache -------------------------------------------------------------------------------------
+# Shared by every process, so that the API throttles count across web processes: by default
+# Django's database cache, in the table `manage.py createcachetable` makes (`make migrate`, the
+# image's `migrate` and the migration Job run it); any django-environ cache URL instead
+# (`redis://host:6379/0`). A process-local cache (`locmemcache://`) would count per process.
+CACHE_URL = env.str("CACHE_URL", "dbcache://qw_cache")
+try:
+    CACHES: dict[str, Any] = {"default": environ.Env.cache_url_config(CACHE_URL)}
+except Exception as exc:  # django-environ raises several types for a malformed URL
+    raise ImproperlyConfigured(f"CACHE_URL is not a valid cache URL: {exc}") from exc
 
 # --- I18N, static ------------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

@@ -14,6 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from queueworker.api import CreateThrottle
+from queueworker.db_router import ReplicaReadsMixin
 from queueworker.errors import Gone, InvalidInput, InvalidTransition
 from tasks_app import artifacts, selectors, services
 from tasks_app.api.serializers import (
@@ -76,7 +77,7 @@ class CompensateInput(StrictSerializer):
         return value
 
 
-class TaskViewSet(viewsets.GenericViewSet):
+class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     """Tasks: create, list, inspect, cancel, retry. Every action is scoped to its caller."""
 
     filterset_class = TaskFilter

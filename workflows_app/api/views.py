@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from queueworker.api import CreateThrottle
+from queueworker.db_router import ReplicaReadsMixin
 from tasks_app.api.serializers import NoInput
 from workflows_app import selectors, services
 from workflows_app.api.serializers import (
@@ -35,7 +36,7 @@ class WorkflowFilter(django_filters.FilterSet):
         fields = ["name", "is_active"]
 
 
-class WorkflowViewSet(viewsets.GenericViewSet):
+class WorkflowViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     """Workflow definitions, validated on write; a changed definition adds a version."""
 
     filterset_class = WorkflowFilter
@@ -130,7 +131,7 @@ class RunFilter(django_filters.FilterSet):
         fields = ["workflow", "schedule", "status", "created_after", "created_before"]
 
 
-class WorkflowRunViewSet(viewsets.GenericViewSet):
+class WorkflowRunViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     """Workflow runs: their steps and compensations, cancel and retry."""
 
     filterset_class = RunFilter
