@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, so that /api/docs/ needs no CDN
     "django_celery_beat",
     "django_celery_results",
     "tasks_app",
@@ -228,6 +229,7 @@ QW_SWEEP_INTERVAL_S = env.float("QW_SWEEP_INTERVAL_S", 5.0, minimum=0.1)
 QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maximum=10.0)
 QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
 QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
+QW_MAX_SCHEDULES_PER_USER = env.int("QW_MAX_SCHEDULES_PER_USER", 100, minimum=1)
 QW_WORKER_SYNC_COMMIT = env.bool("QW_WORKER_SYNC_COMMIT", False)
 # DATA_PROCESSING (tasks_app/handlers/data_processing.py).
 QW_DATA_BATCH_SIZE = env.int("QW_DATA_BATCH_SIZE", 100_000, minimum=1, maximum=1_000_000)
@@ -406,6 +408,9 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "QueueWorker API",
     "DESCRIPTION": "Typed background tasks and saga workflows on Celery and RabbitMQ.",
     "VERSION": "0.1.0",
+    # /api/docs/ loads Swagger UI from this server's static files (whitenoise), not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # 3.1: its schemas are JSON Schema 2020-12, the dialect of the task types' payload schemas.

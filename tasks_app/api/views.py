@@ -85,7 +85,8 @@ class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     ordering = ["-created_at"]
     throttle_classes = [CreateThrottle]
     throttle_scope = "create"
-    throttled_actions = ("create", "bulk")
+    # Retry and compensate start tasks too, so they count against the same rate.
+    throttled_actions = ("create", "bulk", "retry", "compensate")
     lookup_value_converter = "uuid"
 
     def get_queryset(self) -> QuerySet[Task]:

@@ -138,6 +138,9 @@ class WorkflowRunViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     ordering_fields = ["created_at"]
     ordering = ["-created_at"]
     lookup_value_converter = "uuid"
+    throttle_classes = [CreateThrottle]
+    throttle_scope = "create"  # a retry starts tasks again (QW_THROTTLE_CREATE)
+    throttled_actions = ("retry",)
 
     def get_queryset(self) -> QuerySet[WorkflowRun]:
         return selectors.run_queryset(self.request.user)
