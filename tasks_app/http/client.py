@@ -201,8 +201,8 @@ def _next_hop(
     if out.secret_bindings and target.origin != origin.origin:
         names = ", ".join(binding.name for binding in out.secret_bindings)
         plural = "s" if len(out.secret_bindings) > 1 else ""
-        raise secrets.SecretRefused(
-            f"redirect from {_origin(origin)} to {_origin(target)} not followed: "
+        raise secrets.SecretRefused(  # the origin left is not named: it may be a secret URL's
+            f"redirect to another origin ({_origin(target)}) not followed: "
             f"the request carries secret{plural} {names}, sent to its own origin only"
         )
     _check_secrets(out, target)

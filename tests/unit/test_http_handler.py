@@ -423,10 +423,25 @@ def test_a_redirect_to_another_origin_is_not_followed_with_a_secret(
             http_request(ctx, payload)
         assert not other.requests
     message = str(refused.value)
-    assert f"redirect from http://{server.netloc} to http://{other.netloc} not followed" in message
+    assert f"redirect to another origin (http://{other.netloc}) not followed" in message
     assert "carries secret CARRIED" in message
     assert "carried-secret-value-5" not in message
     assert len(server.received("/away")) == 1
+
+
+def test_a_refused_redirect_from_a_secret_url_does_not_name_its_host(
+    server, ctx, settings, monkeypatch
+):
+    with LoopbackServer() as other:
+        settings.QW_HTTP_ALLOWED_HOSTS = [server.netloc, other.netloc]
+        monkeypatch.setenv("QW_SECRET_ENDPOINT", server.url("/hidden-away"))
+        monkeypatch.setenv("QW_SECRET_ENDPOINT_HOSTS", server.netloc)
+        server.script("/hidden-away", Reply(302, headers={"Location": other.url("/landed")}))
+        with pytest.raises(PermanentError) as refused:
+            http_request(ctx, {"url": {"$secret": "ENDPOINT"}})
+        assert not other.requests
+    assert "not followed" in str(refused.value)
+    assert server.netloc not in str(refused.value)
 
 
 def test_a_redirect_within_the_origin_is_followed_with_a_secret(server, ctx, monkeypatch):
