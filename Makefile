@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 migrate: install
+	$(BIN)/python manage.py createcachetable
 	$(BIN)/python manage.py migrate --no-input
 
 run: migrate

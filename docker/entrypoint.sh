@@ -37,6 +37,9 @@ case "$process" in
     exec celery -A queueworker flower --port="${FLOWER_PORT:-5555}" --address=0.0.0.0 "$@"
     ;;
   migrate)
+    # The cache table first (the API throttles share their counts through it): once
+    # `migrate --check` passes, every process finds it.
+    python manage.py createcachetable
     exec python manage.py migrate --no-input "$@"
     ;;
   wait-for-migrations)

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from celery import schedules as celery_schedules
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -240,8 +241,22 @@ def schedule_create(
     start_at: datetime | None = None,
     expires_at: datetime | None = None,
 ) -> Schedule:
+    """Create a schedule; at most ``QW_MAX_SCHEDULES_PER_USER`` per owner, staff included.
+
+    Each schedule keeps beat and the workers busy on its own, so the cap is on the owner's
+    total; the owner's row is locked while counting, so two creations cannot both pass it.
+    """
     try:
         with transaction.atomic():
+            User.objects.select_for_update().get(pk=owner.pk)
+            limit = settings.QW_MAX_SCHEDULES_PER_USER
+            if Schedule.objects.filter(owner=owner).count() >= limit:
+                raise InvalidInput(
+                    {
+                        "detail": f"You already have {limit} schedules, the most allowed "
+                        "(QW_MAX_SCHEDULES_PER_USER): delete one first."
+                    }
+                )
             periodic = PeriodicTask(
                 name=f"qw-schedule-pending-{timezone.now().timestamp()}",
                 task=FIRE_TASK,

@@ -6,7 +6,8 @@ new endpoint is covered the day it is added.
   login pages; the admin sends everyone who is not staff to its login page.
 - Another user's id answers 404 on every detail and action endpoint, and changes nothing.
 - Staff-only endpoints answer 403 to other users, and change nothing.
-- ``QW_THROTTLE_CREATE`` limits task and run creation per user (429 with ``Retry-After``).
+- ``QW_THROTTLE_CREATE`` limits task and run creation, and the retries, compensations and manual
+  schedule fires that start work again, per user across processes (429 with ``Retry-After``).
 - Tokens are revocable: a deleted or rotated token answers 401.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +29,9 @@ from rest_framework.authtoken.models import Token
 from rest_framework.permissions import IsAdminUser
 from rest_framework.test import APIClient
 
+from tasks_app import dispatch
 from tasks_app.models import Task, TaskStatus
+from tests.conftest import service_env
 from tests.factories import UserFactory
 from tests.security._world import World, build_world, snapshot
 
@@ -291,7 +296,7 @@ def test_staff_only_endpoint_serves_staff(staff_user, client_for, method, path, 
 
 
 @pytest.fixture
-def throttle(settings) -> Iterator[str]:
+def throttle(db, settings) -> Iterator[str]:
     settings.QW_THROTTLE_CREATE = "2/minute"
     cache.clear()  # DRF keeps the request history in the default cache
     yield settings.QW_THROTTLE_CREATE
@@ -346,6 +351,78 @@ def test_throttle_is_per_user_and_spares_other_calls(user, api, client_for, thro
     assert _create_task(client_for(UserFactory())).status_code == 201
     assert api.get("/api/tasks/").status_code == 200
     assert api.post(f"/api/tasks/{world.pending.pk}/cancel/").status_code == 200
+
+
+CHILD_THROTTLE = """
+import sys
+from types import SimpleNamespace
+
+import django
+
+django.setup()
+from django.contrib.auth.models import User
+from rest_framework.request import Request
+from rest_framework.test import APIRequestFactory
+
+from queueworker.api import CreateThrottle
+
+request = Request(APIRequestFactory().post("/api/tasks/"))
+request.user = User.objects.get(pk=int(sys.argv[1]))
+view = SimpleNamespace(action="create", throttled_actions=("create",), throttle_scope="create")
+print("allowed" if CreateThrottle().allow_request(request, view) else "throttled")
+"""
+
+
+def test_throttle_count_is_shared_between_processes(
+    transactional_db, user, api, settings, monkeypatch
+):
+    # given one creation counted by this process, on the shared cache
+    settings.QW_THROTTLE_CREATE = "2/minute"
+    cache.clear()
+    monkeypatch.setattr(dispatch, "publish", lambda wakeups: len(wakeups))
+    assert _create_task(api).status_code == 201
+
+    # when two other processes ask the throttle for the same user
+    env = service_env(QW_THROTTLE_CREATE="2/minute", DJANGO_SETTINGS_MODULE="queueworker.settings")
+    verdicts = [
+        subprocess.run(
+            [sys.executable, "-c", CHILD_THROTTLE, str(user.pk)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.split()[-1]
+        for _ in range(2)
+    ]
+
+    # then the first takes the last slot, the second and this process are refused
+    assert verdicts == ["allowed", "throttled"]
+    assert _create_task(api).status_code == 429
+    cache.clear()
+
+
+def test_retry_compensate_and_trigger_share_the_create_rate(user, api, throttle):
+    # given a user who has used up the rate
+    world = build_world(user)
+    assert [_create_task(api).status_code for _ in range(2)] == [201, 201]
+    before = snapshot()
+
+    # when each action that starts work again is called
+    responses = {
+        path: api.post(path, body, format="json")
+        for path, body in (
+            (f"/api/tasks/{world.failed.pk}/retry/", {}),
+            (f"/api/tasks/{world.completed.pk}/compensate/", {"action": {"type": "NOOP"}}),
+            (f"/api/workflow-runs/{world.run.pk}/retry/", {}),
+            (f"/api/schedules/{world.schedule.pk}/trigger/", {}),
+        )
+    }
+
+    # then each is refused with a time to wait, and nothing changed
+    assert {path: r.status_code for path, r in responses.items()} == dict.fromkeys(responses, 429)
+    assert all(int(r["Retry-After"]) > 0 for r in responses.values())
+    assert snapshot() == before
 
 
 def test_create_is_not_throttled_without_a_rate(api, settings):

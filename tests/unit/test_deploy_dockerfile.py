@@ -260,7 +260,6 @@ def _run_entrypoint(
             "celery -A queueworker beat --loglevel info --schedule /tmp/celerybeat-schedule",
         ),
         (("flower",), "celery -A queueworker flower --port=5555 --address=0.0.0.0"),
-        (("migrate",), "python manage.py migrate --no-input"),
         (("manage", "createsuperuser"), "python manage.py createsuperuser"),
         (("celery", "-A", "queueworker", "inspect", "ping"), "celery -A queueworker inspect ping"),
     ],
@@ -270,6 +269,14 @@ def test_entrypoint_execs_the_named_process(stub_path, args, expected):
     assert returncode == 0
     assert calls == [expected]
     # exec: the process is the container's PID 1 and gets SIGTERM itself (warm shutdown)
+    assert exec_ed
+
+
+def test_entrypoint_migrate_creates_the_cache_table_then_execs_migrate(stub_path):
+    # the throttles' shared cache table exists once `migrate --check` passes
+    returncode, calls, exec_ed = _run_entrypoint(stub_path, "migrate")
+    assert returncode == 0
+    assert calls == ["python manage.py createcachetable", "python manage.py migrate --no-input"]
     assert exec_ed
 
 

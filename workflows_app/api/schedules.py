@@ -17,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from queueworker.api import CreateThrottle
 from tasks_app.api.serializers import NoInput, StrictSerializer, TaskCreateInput
 from workflows_app import cron, schedules, selectors
 from workflows_app import services as workflow_services
@@ -200,6 +201,9 @@ class ScheduleViewSet(viewsets.GenericViewSet):
     ordering_fields = ["created_at", "name"]
     ordering = ["-created_at"]
     lookup_value_converter = "uuid"
+    throttle_classes = [CreateThrottle]
+    throttle_scope = "create"  # a manual fire creates a task or a run (QW_THROTTLE_CREATE)
+    throttled_actions = ("trigger",)
 
     def get_queryset(self) -> QuerySet[Schedule]:
         return schedule_queryset(self.request.user)

@@ -188,6 +188,31 @@ def test_patch_disable_and_change_timing_then_delete(api):
 
 
 @pytest.mark.django_db
+def test_schedules_over_the_per_user_cap_are_a_400_naming_it(api, client_for, staff_user, settings):
+    # given a user at the cap
+    settings.QW_MAX_SCHEDULES_PER_USER = 2
+    first, _ = [
+        api.post("/api/schedules/", body(name=f"s{i}"), format="json").json()["id"]
+        for i in range(2)
+    ]
+
+    # when they create one more
+    over = api.post("/api/schedules/", body(name="s2"), format="json")
+
+    # then it is refused naming the limit, and the cap is per user (staff included)
+    assert over.status_code == 400
+    assert "QW_MAX_SCHEDULES_PER_USER" in over.json()["detail"]
+    assert Schedule.objects.count() == 2 and PeriodicTask.objects.count() == 2
+    staff = client_for(staff_user)
+    assert [
+        staff.post("/api/schedules/", body(name=f"s{i}"), format="json").status_code
+        for i in range(3)
+    ] == [201, 201, 400]
+    assert api.delete(f"/api/schedules/{first}/").status_code == 204
+    assert api.post("/api/schedules/", body(name="s2"), format="json").status_code == 201
+
+
+@pytest.mark.django_db
 def test_another_users_schedule_is_404(api, client_for):
     from tests.factories import UserFactory
 
