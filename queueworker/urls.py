@@ -18,3 +18,9 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api-auth/", include("rest_framework.urls")),
 ]
+
+# JSON under /api/ (DRF's {"detail": …}), Django's own pages elsewhere.
+handler400 = "queueworker.errors.bad_request"
+handler403 = "queueworker.errors.permission_denied"
+handler404 = "queueworker.errors.page_not_found"
+handler500 = "queueworker.errors.server_error"
