@@ -72,6 +72,8 @@ os.environ["DATABASE_URL"] = urlunsplit(_base_db._replace(path=f"/qw_{SESSION}")
 os.environ["CELERY_BROKER_URL"] = messaging.with_vhost(BASE_BROKER_URL, VHOST)
 os.environ.setdefault("QW_VAR_DIR", f"/tmp/qw-test-{SESSION}-{XDIST_WORKER}")
 os.environ.setdefault("DJANGO_SECRET_KEY", f"test-secret-{SESSION}")
+# One database per session: a test that needs a replica makes its own (test_read_replica.py).
+os.environ.pop("DATABASE_REPLICA_URL", None)
 _vhost_created = False
 
 
