@@ -11,7 +11,7 @@ from kombu import pools
 
 from queueworker.celery import app
 from tasks_app import dispatch
-from tasks_app.models import Task, TaskLog, TaskStatus
+from tasks_app.models import Task, TaskLog, TaskStatus, WorkerHeartbeat
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -124,3 +124,147 @@ def test_delayed_task_waits_in_the_database_and_runs_when_due(api, spawn):
     task = Task.objects.get(pk=task_id)
     assert (task.started_at - task.created_at).total_seconds() >= 1.4
     assert time.monotonic() - started >= 1.4
+
+
+# --- liveness: heartbeats bound recovery, not the task's time limit ---------------------------
+
+
+def _completed_within(task_id: str, timeout: float) -> float:
+    """Seconds until the task is COMPLETED (fails after ``timeout``)."""
+    started = time.monotonic()
+    wait_for(lambda: _status(task_id) == TaskStatus.COMPLETED, timeout=timeout, interval=0.2)
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("target", ["whole worker", "pool child"])
+def test_worker_killed_mid_task_with_default_lease_and_timeout_recovers_within_60s(
+    api, spawn, target
+):
+    # given the default lease (30 s) and sweep (5 s), two workers, and a NOOP with the default
+    # timeout_s (300) running on one of them
+    defaults = {"QW_LEASE_SECONDS": "30"}
+    workers = [spawn("worker", concurrency=1, **defaults) for _ in range(2)]
+    body = {"type": "NOOP", "payload": {"sleep_ms": 4000}}
+    task_id = api.post("/api/tasks/", body, format="json").json()["id"]
+    wait_for(lambda: _status(task_id) == TaskStatus.PROCESSING)
+    task = Task.objects.get(pk=task_id)
+    assert task.timeout_s == 300
+    child = WorkerHeartbeat.objects.get(pk=task.holder).pid
+
+    # when the worker running it (or only its pool child) is SIGKILLed
+    if target == "whole worker":
+        next(w for w in workers if child in w.children()).kill(signal.SIGKILL)
+    else:
+        os.kill(child, signal.SIGKILL)
+
+    # then the task is recovered by its missing heartbeat and completes once within 60 s
+    # (the backstop lease would have taken 300 + 10 + 30 s)
+    took = _completed_within(task_id, timeout=60)
+    print(f"\nSIGKILL ({target}) -> COMPLETED in {took:.1f} s")
+    events = _events(task_id)
+    assert events.count("completed") == 1 and "lease_expired" in events
+    lost = TaskLog.objects.get(task_id=task_id, event="lease_expired")
+    assert "stopped sending heartbeats" in lost.message
+    task = Task.objects.get(pk=task_id)
+    assert task.retries == 1 and task.attempt == 2
+
+
+@pytest.mark.timeout(120)
+def test_busy_worker_running_longer_than_the_lease_is_not_declared_lost(api, spawn):
+    # given a 2 s lease, a sweep every 0.3 s, and a worker whose tasks each run 6 s
+    spawn("worker", concurrency=2, QW_LEASE_SECONDS="2", **FAST_SWEEP)
+    time.sleep(2.5)  # the sweep has reached the database for a whole lease: it judges
+    body = {"type": "NOOP", "payload": {"sleep_ms": 6000}}
+    ids = [api.post("/api/tasks/", body, format="json").json()["id"] for _ in range(2)]
+
+    # when they run three leases long
+    for task_id in ids:
+        _completed_within(task_id, timeout=30)
+
+    # then neither was declared lost: the heartbeats went on while the handlers slept
+    for task_id in ids:
+        task = Task.objects.get(pk=task_id)
+        assert (task.attempt, task.retries) == (1, 0)
+        assert "lease_expired" not in _events(task_id)
+
+
+@pytest.mark.timeout(120)
+def test_without_beat_delayed_work_runs_and_a_crashed_worker_is_recovered(api, spawn):
+    # given workers and a beat that is SIGKILLed and never restarted
+    worker = spawn("worker", concurrency=2, **FAST_SWEEP)
+    beat = spawn("beat", **FAST_SWEEP)
+    time.sleep(1.0)
+    beat.kill(signal.SIGKILL)
+
+    # when a task is delayed 3 s, and another's pool child is SIGKILLed mid-task
+    delayed = api.post("/api/tasks/", {"type": "NOOP", "delay_ms": 3000}, format="json").json()
+    slow = api.post(
+        "/api/tasks/", {"type": "NOOP", "payload": {"sleep_ms": 3000}}, format="json"
+    ).json()
+    wait_for(lambda: _status(slow["id"]) == TaskStatus.PROCESSING)
+    holder = Task.objects.get(pk=slow["id"]).holder
+    os.kill(WorkerHeartbeat.objects.get(pk=holder).pid, signal.SIGKILL)
+
+    # then the dispatcher in the worker publishes the first when due and recovers the second
+    _completed_within(delayed["id"], timeout=20)
+    task = Task.objects.get(pk=delayed["id"])
+    assert (task.started_at - task.created_at).total_seconds() >= 2.9
+    _completed_within(slow["id"], timeout=30)
+    assert "lease_expired" in _events(slow["id"])
+    assert "leads the dispatcher" in worker.output()
+
+
+@pytest.mark.timeout(180)
+def test_database_outage_longer_than_the_lease_completes_tasks_once_without_a_lease(
+    api, spawn, tmp_path
+):
+    from tests.chaos import harness
+    from tests.integration import handlers
+
+    services = harness.Services(tmp_path)
+    try:
+        # given a worker (its dispatcher too) that reaches PostgreSQL through a proxy, a 3 s
+        # lease, two tasks that finish during the outage and one that runs through it (their
+        # handler sleeps without the database, so only their outcome meets the outage)
+        proxy = services.proxy(harness.database_url())
+        database = harness.via_proxy(harness.database_url(), proxy)
+        lease = 3
+        spawn(
+            "worker",
+            concurrency=3,
+            DATABASE_URL=database,
+            QW_LEASE_SECONDS=str(lease),
+            QW_HANDLER_MODULES="tests.integration.handlers",
+            **FAST_SWEEP,
+        )
+        time.sleep(lease + 0.5)
+        sleeps = [2500, 2500, 14000]
+        ids = [
+            api.post(
+                "/api/tasks/", {"type": handlers.SLEEP, "payload": {"sleep_ms": ms}}, format="json"
+            ).json()["id"]
+            for ms in sleeps
+        ]
+        wait_for(lambda: all(_status(i) == TaskStatus.PROCESSING for i in ids))
+
+        # when PostgreSQL is unreachable for 8 s (over twice the lease)
+        proxy.off()
+        time.sleep(8)
+        assert all(_status(i) == TaskStatus.PROCESSING for i in ids)
+        proxy.on()
+        back = time.monotonic()
+
+        # then the two whose completion failed record it as soon as the database is back
+        for task_id in ids[:2]:
+            wait_for(lambda t=task_id: _status(t) == TaskStatus.COMPLETED, timeout=lease)
+        print(f"\ncompletions recorded {time.monotonic() - back:.1f} s after the outage")
+        # and the one still running was not declared lost: it completes on its first attempt
+        _completed_within(ids[2], timeout=30)
+        for task_id in ids:
+            events = _events(task_id)
+            assert events.count("completed") == 1, events
+            assert "lease_expired" not in events, events
+            assert Task.objects.get(pk=task_id).attempt == 1
+    finally:
+        services.stop_all()
