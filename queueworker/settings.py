@@ -169,7 +169,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Django's database cache, in the table `manage.py createcachetable` makes (`make migrate`, the
 # image's `migrate` and the migration Job run it); any django-environ cache URL instead
 # (`redis://host:6379/0`). A process-local cache (`locmemcache://`) would count per process.
-CACHE_URL = env.str("CACHE_URL", "dbcache://qw_cache")
+# Django's database cache culls a third of its rows past MAX_ENTRIES (300 unless set), which
+# would forget throttle histories past 300 active users.
+CACHE_URL = env.str("CACHE_URL", "dbcache://qw_cache?max_entries=100000")
 try:
     CACHES: dict[str, Any] = {"default": environ.Env.cache_url_config(CACHE_URL)}
 except Exception as exc:  # django-environ raises several types for a malformed URL

@@ -402,6 +402,18 @@ def test_throttle_count_is_shared_between_processes(
     cache.clear()
 
 
+def test_shared_cache_keeps_the_throttle_history_of_many_users(db):
+    # Django's database cache would cull a third of its rows past 300 entries
+    cache.clear()
+    keys = [f"throttle_create_{n}" for n in range(400)]
+
+    for key in keys:
+        cache.set(key, [1.0], 60)
+
+    assert len(cache.get_many(keys)) == len(keys)
+    cache.clear()
+
+
 def test_retry_compensate_and_trigger_share_the_create_rate(user, api, throttle):
     # given a user who has used up the rate
     world = build_world(user)
