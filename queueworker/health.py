@@ -5,7 +5,8 @@ the answer comes within it even when a dependency hangs; a check still running t
 reported failed ("timed out").
 
 - ``/api/health/live/``: the process answers.
-- ``/api/health/ready/``: the database and the broker answer.
+- ``/api/health/ready/``: the database and the broker answer, and the dispatcher (which runs
+  in every worker and beat, one at a time) ran recently.
 - ``/api/health/``: those, plus workers (a Celery ping; and per queue, does any worker
   consume it?) and queues (none over ``QW_QUEUE_OVERLOAD_THRESHOLD``).
 
@@ -93,6 +94,15 @@ def check_queues() -> str:
         limit = settings.QW_QUEUE_OVERLOAD_THRESHOLD
         raise CheckFailed(f"over {limit} messages (QW_QUEUE_OVERLOAD_THRESHOLD): {', '.join(over)}")
     return ", ".join(f"{s.name}: {s.messages}" for s in stats)
+
+
+def check_dispatcher() -> str:
+    from tasks_app import dispatcher
+
+    try:
+        return dispatcher.status()  # "last ran 2 s ago on …", or raises naming what is wrong
+    finally:
+        connections.close_all()  # a thread's own connection; do not leave it open
 
 
 def run_checks(checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, Any]]:
@@ -202,9 +212,9 @@ class LiveView(_HealthBase):
 
 
 class ReadyView(_HealthBase):
-    """Ready to serve: the database and the broker answer."""
+    """Ready to serve: the database and the broker answer, and the dispatcher runs."""
 
-    checks = {"database": check_database, "broker": check_broker}
+    checks = {"database": check_database, "broker": check_broker, "dispatcher": check_dispatcher}
 
 
 class HealthView(_HealthBase):
@@ -213,6 +223,7 @@ class HealthView(_HealthBase):
     checks = {
         "database": check_database,
         "broker": check_broker,
+        "dispatcher": check_dispatcher,
         "workers": check_workers,
         "queues": check_queues,
     }

@@ -48,7 +48,7 @@ def test_health_is_200_with_a_worker_on_every_queue(client_for, staff_user, work
     body = wait_for(
         lambda: (r := staff.get("/api/health/")).status_code == 200 and r.json(), timeout=15
     )
-    assert set(body["checks"]) == {"database", "broker", "workers", "queues"}
+    assert set(body["checks"]) == {"database", "broker", "dispatcher", "workers", "queues"}
     assert "answered" in body["checks"]["workers"]["detail"]
 
 
