@@ -13,7 +13,10 @@ Typing rules (a column has one type over the whole input, never per batch):
   (``SchemaBuilder`` streams it once; ``frame_from_records`` builds every batch with that
   schema): ints → Int64; ints and floats → Float64; bools → Boolean; strings → String;
   objects → Struct and arrays → List (typed the same way inside); values of mixed JSON kinds →
-  String holding their text (``1``, ``true``, ``{"a":1}``), as Polars' own supertype would.
+  String holding their text (``1``, ``true``, ``{"a":1}``), as Polars' own supertype would,
+  and at the top level the engine remembers each value's JSON kind, so that ``validate``
+  judges ``"34"`` and ``34`` apart; after it, a field that the schema gives one type
+  (``integer``, ``number``, ``string``, ``boolean``) has a column of that type.
   A key missing from a record is null, and the engine remembers that it was missing, because
   JSON Schema's ``required`` tells a missing key from an explicit null.
 * Outputs are strict JSON: dates ``YYYY-MM-DD``, datetimes ISO 8601, NaN and ±inf → null.

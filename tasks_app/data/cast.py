@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from tasks_app.data.core import kind
+from tasks_app.data.core import kind, kind_column
 from tasks_app.data.rowwise import Step, reject
 from tasks_app.data.writers import datetime_text
 
@@ -161,6 +161,8 @@ def cast(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
 
     kept, rejected = reject(work, valid, index, op, why)
     kept = kept.with_columns([pl.col(out[name]).alias(name) for name in fields]).drop(out.values())
+    # A cast field has one type now: a kind column for its mixed JSON kinds no longer applies.
+    kept = kept.drop([kind_column(name) for name in fields if kind_column(name) in kept.columns])
     if rejected.frame is not None:
         rejected.frame = rejected.frame.drop(out.values())
     stats = {"rows_in": rows_in, "rows_out": kept.height, "invalid": rejected.count}

@@ -9,6 +9,11 @@ is refused):
 * ``__qw_has:<field>``: whether the row's JSON object had the key ``<field>`` at all. Only
   fields missing from some record get one; JSON Schema tells a missing key from an explicit
   null (``required``) and so must the engine. No column means "present in every row".
+* ``__qw_kind:<field>``: for a field whose JSON values mix kinds (a ``text`` column), each
+  value's JSON kind (``boolean``, ``integer``, ``number``, ``string``, ``object``, ``array``;
+  null for null), an Enum whose categories are the kinds seen over the whole input. With the
+  text, it gives back the original value (``"1"`` the string, or ``1`` the number), so that
+  ``validate`` judges what the input held.
 * ``__qw_op``: in frames of rejected rows, the index of the operation that rejected them.
 
 Outputs (``to_records``, ``write_rows``, ``MergeResult.frame``) never show them.
@@ -24,6 +29,7 @@ PREFIX = "__qw_"
 ROW = "__qw_row"
 OP = "__qw_op"
 _HAS = "__qw_has:"
+_KIND = "__qw_kind:"
 
 
 class DataError(Exception):
@@ -36,6 +42,16 @@ class DataError(Exception):
 def has_column(field: str) -> str:
     """The name of the presence column of ``field``."""
     return _HAS + field
+
+
+def kind_column(field: str) -> str:
+    """The name of the JSON-kind column of a mixed-kind ``field``."""
+    return _KIND + field
+
+
+def companions(frame: pl.DataFrame, field: str) -> list[str]:
+    """The hidden columns that belong to ``field`` in ``frame`` (presence, JSON kind)."""
+    return [name for name in (has_column(field), kind_column(field)) if name in frame.columns]
 
 
 def is_hidden(name: str) -> bool:

@@ -28,7 +28,7 @@ from tasks_app.data.core import (
     OP,
     ROW,
     DataError,
-    has_column,
+    companions,
     is_hidden,
     op_path,
     strip_hidden,
@@ -161,7 +161,7 @@ class Plan:
             stats.append({"op": op["op"], "rows_in": frame.height})
             needed = self._needed()
             if needed is not None:
-                presence = [has_column(n) for n in needed if has_column(n) in frame.columns]
+                presence = [c for n in needed if n in frame.columns for c in companions(frame, n)]
                 fields = [c for c in frame.columns if c in needed or c == ROW]
                 frame = frame.select(fields + presence)
             frame = global_ops.partial(frame, op, self.split, self._following())

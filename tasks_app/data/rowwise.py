@@ -7,7 +7,12 @@ without calling them invalid; ``rename`` and ``select`` reshape.
 ends of every text field), ``empty_as_null`` (``""`` → null, after trimming), ``lower`` /
 ``upper`` (full Unicode case mapping, as Python's: ``"Straße"`` → ``"STRASSE"``; no
 normalisation, so a precomposed ``é`` and ``e`` + combining accent stay different), then
-``drop_null`` (drop rows with a null, or a missing key, in any listed field).
+``drop_null`` (drop rows with a null, or a missing key, in any listed field). In a column that
+mixes JSON kinds only the values that were strings are text: ``1`` or ``{"A": 1}`` stay as
+they are.
+
+After ``validate``, a field that its schema gives one type has a column of that type, so that
+``filter``, ``sort`` and ``aggregate`` need no ``cast`` (see ``schema_check``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from tasks_app.data.core import (
     ROW,
     DataError,
     column,
+    companions,
     has_column,
     is_hidden,
     kind,
+    kind_column,
     op_path,
     visible,
 )
-from tasks_app.data.schema_check import reason, records_for_validation, valid_mask
+from tasks_app.data.schema_check import reason, records_for_validation, typed_columns, valid_mask
 from tasks_app.data.writers import json_ready
 
 SAMPLES = 20
@@ -98,6 +105,7 @@ def validate(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
     schema = op["schema"]
     mask = valid_mask(frame, schema)
     kept, rejected = reject(frame, mask, index, op, lambda record, _row: reason(schema, record))
+    kept = typed_columns(kept, schema)
     stats = {"rows_in": frame.height, "rows_out": kept.height, "invalid": rejected.count}
     return Step(kept, stats, [rejected])
 
@@ -116,6 +124,7 @@ def _text_only(frame: pl.DataFrame, name: str, index: int, key: str) -> bool:
 def clean(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
     rows_in = frame.height
     exprs: dict[str, pl.Expr] = {}
+    kinds = {name for name in visible(frame) if kind_column(name) in frame.columns}
     for name in visible(frame):
         if frame.schema[name] == pl.String and (op.get("trim") or op.get("empty_as_null")):
             expr = pl.col(name)
@@ -130,6 +139,13 @@ def clean(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
                 expr = exprs.get(name, pl.col(name))
                 cased = expr.str.to_lowercase() if key == "lower" else expr.str.to_uppercase()
                 exprs[name] = cased
+    for name in kinds & exprs.keys():
+        # Only strings are text to clean; a string emptied to null is of no kind any more.
+        strings = pl.col(kind_column(name)) == "string"
+        exprs[name] = pl.when(strings).then(exprs[name]).otherwise(pl.col(name))
+        exprs[kind_column(name)] = (
+            pl.when(exprs[name].is_null()).then(None).otherwise(pl.col(kind_column(name)))
+        )
     if exprs:
         frame = frame.with_columns([expr.alias(name) for name, expr in exprs.items()])
     drop_null = op.get("drop_null", [])
@@ -144,16 +160,13 @@ def rename(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
     mapping = {old: new for old, new in op["fields"].items() if old in frame.columns and old != new}
     moving = set(mapping)
     replaced = [new for new in mapping.values() if new in frame.columns and new not in moving]
-    drop = replaced + [has_column(n) for n in replaced if has_column(n) in frame.columns]
+    drop = replaced + [hidden for n in replaced for hidden in companions(frame, n)]
     frame = frame.drop(drop)
     names = dict(mapping)
-    names.update(
-        {
-            has_column(old): has_column(new)
-            for old, new in mapping.items()
-            if has_column(old) in frame.columns
-        }
-    )
+    for old, new in mapping.items():
+        for hidden_name in (has_column, kind_column):
+            if hidden_name(old) in frame.columns:
+                names[hidden_name(old)] = hidden_name(new)
     frame = frame.rename(names)
     return Step(frame, {"rows_in": frame.height, "rows_out": frame.height})
 
@@ -162,12 +175,13 @@ def select(frame: pl.DataFrame, op: dict[str, Any], index: int) -> Step:
     """Keep these fields in this order; a field no row has becomes a column of nulls."""
     fields: list[str] = op["fields"]
     exprs = [column(frame, name) for name in fields]
-    hidden = [pl.col(c) for c in frame.columns if is_hidden(c) and not c.startswith("__qw_has:")]
+    own = {hidden for name in visible(frame) for hidden in companions(frame, name)}
+    hidden = [pl.col(c) for c in frame.columns if is_hidden(c) and c not in own]
     for name in fields:
         if name not in frame.columns:
             hidden.append(pl.lit(False).alias(has_column(name)))
-        elif has_column(name) in frame.columns:
-            hidden.append(pl.col(has_column(name)))
+        else:
+            hidden.extend(pl.col(c) for c in companions(frame, name))
     frame = frame.select(exprs + hidden)
     return Step(frame, {"rows_in": frame.height, "rows_out": frame.height})
 

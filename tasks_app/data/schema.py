@@ -24,6 +24,11 @@ anything else (mixed)       ``text`` (String: a string as it is, other values as
 An empty object becomes ``text`` (``{}``) rather than a Struct without fields. Inside a
 nested object a missing key reads as null; at the top level the engine remembers which keys
 each row had (see ``core``).
+
+A top-level ``text`` field also records the JSON kinds it holds (``kinds``), and its frame has
+a hidden kind column saying which kind each value was (see ``core``): ``"1"`` and ``1`` read
+the same as text but stay a string and a number for ``validate``, which can then give such a
+column one type (see ``schema_check``). Inside lists and objects a ``text`` value is only text.
 """
 
 from __future__ import annotations
@@ -35,11 +40,20 @@ from typing import Any
 
 import polars as pl
 
-from tasks_app.data.core import DataError, check_field_names, has_column
+from tasks_app.data.core import DataError, check_field_names, has_column, kind_column
 
 Type = Any  # "null" | "bool" | "int" | "float" | "str" | "text" | {"list": T} | {"struct": [..]}
 _INT64 = (-(2**63), 2**63 - 1)
 _SCALARS = {"null", "bool", "int", "float", "str", "text"}
+# The JSON Schema name of each kind of value; a "float" is also an int beyond 64 bits.
+JSON_KINDS = {
+    "bool": "boolean",
+    "int": "integer",
+    "float": "number",
+    "str": "string",
+    "object": "object",
+    "array": "array",
+}
 
 
 def _value_kind(value: Any) -> str:
@@ -92,6 +106,10 @@ class _Acc:
                 self.items = _Acc()
             self.items.merge(other.items)
 
+    def json_kinds(self) -> tuple[str, ...]:
+        """The JSON kinds seen, in a fixed order (the categories of a kind column)."""
+        return tuple(name for kind, name in JSON_KINDS.items() if kind in self.kinds)
+
     def type(self) -> Type:
         kinds = self.kinds - {"null"}
         if not kinds:
@@ -136,12 +154,12 @@ class SchemaBuilder:
         return self
 
     def schema(self) -> Schema:
-        return Schema(
-            tuple(
-                SchemaField(name, acc.type(), optional=acc.present < self.rows)
-                for name, acc in self._fields.items()
-            )
-        )
+        fields = []
+        for name, acc in self._fields.items():
+            type_ = acc.type()
+            kinds = acc.json_kinds() if type_ == "text" else ()
+            fields.append(SchemaField(name, type_, acc.present < self.rows, kinds))
+        return Schema(tuple(fields))
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,8 @@ class SchemaField:
     type: Type
     # Missing from some record: the frame gets a presence column for it.
     optional: bool = False
+    # A ``text`` field's JSON kinds: the frame gets a kind column for it.
+    kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,12 +178,13 @@ class Schema:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable form (a dict) for task arguments; ``from_json`` reads it back."""
-        return {
-            "version": 1,
-            "fields": [
-                {"name": f.name, "type": f.type, "optional": f.optional} for f in self.fields
-            ],
-        }
+        fields = []
+        for f in self.fields:
+            data = {"name": f.name, "type": f.type, "optional": f.optional}
+            if f.kinds:
+                data["kinds"] = list(f.kinds)
+            fields.append(data)
+        return {"version": 1, "fields": fields}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str) -> Schema:
@@ -173,7 +194,12 @@ class Schema:
         assert isinstance(data, dict)
         return cls(
             tuple(
-                SchemaField(f["name"], _check_type(f["type"]), bool(f.get("optional", False)))
+                SchemaField(
+                    f["name"],
+                    _check_type(f["type"]),
+                    bool(f.get("optional", False)),
+                    _check_kinds(f.get("kinds", [])),
+                )
                 for f in data["fields"]
             )
         )
@@ -194,6 +220,13 @@ def _check_type(type_: Type) -> Type:
     return type_
 
 
+def _check_kinds(kinds: list[str]) -> tuple[str, ...]:
+    known = tuple(JSON_KINDS.values())
+    if not set(kinds) <= set(known):
+        raise ValueError(f"not JSON kinds: {kinds!r}")
+    return tuple(name for name in known if name in kinds)
+
+
 def polars_type(type_: Type) -> pl.DataType:
     if isinstance(type_, str):
         simple: dict[str, pl.DataType] = {
@@ -211,6 +244,10 @@ def polars_type(type_: Type) -> pl.DataType:
     elif isinstance(type_, dict) and set(type_) == {"struct"}:
         return pl.Struct({name: polars_type(inner) for name, inner in type_["struct"]})
     raise ValueError(f"not a schema type: {type_!r}")
+
+
+def _json_kind(value: Any) -> str | None:
+    return None if value is None else JSON_KINDS[_value_kind(value)]
 
 
 def _text(value: Any) -> Any:
@@ -269,4 +306,7 @@ def frame_from_records(rows: list[dict[str, Any]], schema: Schema | None = None)
         if f.optional:
             flags = [f.name in row for row in rows]
             columns.append(pl.Series(has_column(f.name), flags, dtype=pl.Boolean))
+        if f.kinds:
+            kinds = [_json_kind(row.get(f.name)) for row in rows]
+            columns.append(pl.Series(kind_column(f.name), kinds, dtype=pl.Enum(f.kinds)))
     return pl.DataFrame(columns, height=len(rows)) if columns else pl.DataFrame(height=len(rows))

@@ -3,6 +3,10 @@
 ``Compiler.row(schema)`` gives a boolean expression over a frame's rows; a subschema it cannot
 compile becomes a ``Residual``: a hidden boolean column that ``schema_check`` fills row by row
 (or value by value) before the expression is evaluated. Every expression is free of nulls.
+
+A column that mixes JSON kinds (text with a kind column, see ``core``) compiles once per kind
+it may hold: its integers are read as Int64, its numbers as Float64, its booleans as
+Booleans, and the expression picks, row by row, the branch of the value's kind.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from tasks_app.data.core import PREFIX, present, visible
+from tasks_app.data.core import PREFIX, kind_column, present, visible
 
 TRUE = pl.lit(True)
 FALSE = pl.lit(False)
@@ -47,8 +51,9 @@ _COMPARE = {
     "exclusiveMinimum": lambda v, m: v > m,
     "exclusiveMaximum": lambda v, m: v < m,
 }
-# Regex syntax that Python's ``re`` and Rust's ``regex`` may read differently.
-_UNSAFE_REGEX = re.compile(r"\(\?(?!:)|\[\[|&&|--|~~|\\[ZzAbBwWsSpPG0-9]|\{,")
+# Escapes that Polars' regex and jsonschema-rs (which reads ECMA-262 classes such as ``\d``
+# and ``\w`` as ASCII) read alike: escaped metacharacters, newline, return and tab.
+_PLAIN_ESCAPES = set(".^$|?*+()[]{}\\/-nrt")
 
 
 class Unsupported(Exception):
@@ -197,15 +202,32 @@ class Compiler:
             return self.residual(name, schema)
 
     def _value(self, schema: Any, name: str) -> pl.Expr:
+        dtype = self.frame.schema[name]
+        kinds = kind_column(name)
+        if kinds not in self.frame.columns:
+            temporal = dtype == pl.Date or isinstance(dtype, pl.Datetime)
+            return self._view(schema, name, _View(pl.col(name), json_kind(dtype), temporal))
+        # One branch per kind the column may hold (its categories); null has its own.
+        which = pl.col(kinds)
+        expr = self._view(schema, name, _View(pl.col(name), "null"))
+        for kind in self.frame.schema[kinds].categories.to_list():  # type: ignore[attr-defined]
+            branch = self._view(schema, name, _mixed_view(name, kind))
+            expr = pl.when(which == kind).then(branch).otherwise(expr)
+        return expr
+
+    def _view_or_residual(self, schema: Any, name: str, view: _View) -> pl.Expr:
+        try:
+            return self._view(schema, name, view)
+        except Unsupported:
+            return self.residual(name, schema)
+
+    def _view(self, schema: Any, name: str, view: _View) -> pl.Expr:
         if isinstance(schema, bool):
             return TRUE if schema else FALSE
-        dtype = self.frame.schema[name]
-        kind = json_kind(dtype)
-        v = pl.col(name)
+        kind, v, temporal = view.kind, view.values, view.temporal
         if kind == "number":
             v = pl.when(v.is_finite()).then(v).otherwise(None)
-        temporal = dtype == pl.Date or isinstance(dtype, pl.Datetime)
-        parts = [self._combinators(schema, lambda s: self.value(s, name))]
+        parts = [self._combinators(schema, lambda s: self._view_or_residual(s, name, view))]
         for key, arg in schema.items():
             if key == "type":
                 types = [arg] if isinstance(arg, str) else arg
@@ -227,6 +249,27 @@ class Compiler:
             elif key in ("$ref", "$dynamicRef"):
                 raise Unsupported
         return _all(parts)
+
+
+@dataclass(frozen=True)
+class _View:
+    """A column's values seen as one JSON kind (for a mixed column: the rows of that kind)."""
+
+    values: pl.Expr
+    kind: str
+    temporal: bool = False
+
+
+def _mixed_view(name: str, kind: str) -> _View:
+    text = pl.col(name)
+    if kind == "integer":
+        return _View(text.cast(pl.Int64, strict=False), kind)
+    if kind == "number":
+        return _View(text.cast(pl.Float64, strict=False), kind)
+    if kind == "boolean":
+        return _View(text == "true", kind)
+    # Strings are the text; objects and arrays are only ever tested for being there.
+    return _View(text, kind)
 
 
 def _is_type(name: str, kind: str, v: pl.Expr) -> pl.Expr:
@@ -269,14 +312,43 @@ def _string_check(key: str, arg: Any, v: pl.Expr) -> pl.Expr:
         return (v.str.len_chars() >= arg).fill_null(True)
     if key == "maxLength":
         return (v.str.len_chars() <= arg).fill_null(True)
-    if _UNSAFE_REGEX.search(arg):
+    if not read_alike(arg):
         raise Unsupported
     try:
         pl.select(pl.lit("").str.contains(arg))
     except pl.exceptions.PolarsError as exc:
         raise Unsupported from exc
-    hit = v.str.contains(arg)
-    if "$" in arg:
-        # Python's ``$`` also matches before a final newline; Rust's only at the very end.
-        hit = hit | (v.str.ends_with("\n") & v.str.strip_suffix("\n").str.contains(arg))
-    return hit.fill_null(True)
+    return v.str.contains(arg).fill_null(True)
+
+
+def read_alike(pattern: str) -> bool:
+    """Whether Polars reads ``pattern`` as jsonschema-rs does (else it is checked row-wise).
+
+    Refused: escapes other than ``_PLAIN_ESCAPES``, groups with ``(?`` other than ``(?:``,
+    ``{,``, and in a character class a ``[``, a set operation (``&&``, ``--``, ``~~``) or a
+    leading ``]`` (``[]`` is an empty class in ECMA-262, a ``]`` in Rust).
+    """
+    if "{," in pattern or re.search(r"\(\?(?!:)", pattern):
+        return False
+    in_class = False
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            if pattern[index + 1 : index + 2] not in _PLAIN_ESCAPES or index + 1 == len(pattern):
+                return False
+            index += 2
+            continue
+        if in_class:
+            if char == "[" or pattern[index : index + 2] in ("&&", "--", "~~"):
+                return False
+            if char == "]":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            index += 2 if pattern[index + 1 : index + 2] == "^" else 1
+            if pattern[index : index + 1] == "]":
+                return False
+            continue
+        index += 1
+    return True

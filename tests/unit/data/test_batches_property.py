@@ -57,6 +57,8 @@ _operation = st.one_of(
                 {"properties": {"s": {"minLength": 1, "pattern": "^[a-z ]"}}},
                 {"properties": {"k": {"type": "integer"}, "b": {"const": True}}},
                 {"anyOf": [{"required": ["s"]}, {"properties": {"n": {"minimum": 2}}}]},
+                # Gives a column of mixed kinds one type, the same in every batch.
+                {"properties": {"k": {"type": ["integer", "null"]}, "x": {"type": "number"}}},
             ]
         ),
         _on_invalid,
@@ -118,7 +120,7 @@ def _records(draw: st.DrawFn) -> list[dict[str, Any]]:
     for _ in range(draw(st.integers(0, 24))):
         keys = draw(st.lists(_field, unique=True, max_size=4))
         row = {key: draw(_POOLS[key]) for key in keys}
-        if "k" in row and draw(st.integers(0, 30)) == 0:
+        if "k" in row and draw(st.integers(0, 10)) == 0:
             row["k"] = "mixed"  # the whole column becomes text
         rows.append(row)
     return rows
