@@ -1,13 +1,21 @@
-"""The operations' shapes (DESIGN §8) and the checks their JSON Schemas cannot express."""
+"""The operations' shapes (DESIGN §8) and the checks their JSON Schemas cannot express.
+
+A ``validate`` schema must be a valid Draft 2020-12 schema whose regular expressions
+(``pattern``, ``patternProperties`` keys) the linear-time engine that runs them accepts (a
+pattern it refuses, with look-around or backreferences, is named by its own path), and whose
+references resolve within the schema: nothing is fetched.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+import jsonschema_rs
+from jsonschema import Draft202012Validator, FormatChecker
 
 from tasks_app.data.core import PREFIX, json_path
+from tasks_app.data.schema_check import row_validator
 
 CAST_TYPES = ("int", "float", "bool", "str", "date", "datetime")
 METRICS = ("count", "sum", "avg", "min", "max", "count_distinct")
@@ -111,6 +119,54 @@ OPERATION_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+_REGEX_CHECKER = FormatChecker(formats=())
+
+
+@_REGEX_CHECKER.checks("regex")
+def _is_linear_regex(instance: object) -> bool:
+    return not isinstance(instance, str) or runs_in_linear_time(instance)
+
+
+@functools.lru_cache(maxsize=1024)
+def runs_in_linear_time(pattern: str) -> bool:
+    """Whether jsonschema-rs's standard (linear-time) regex engine accepts ``pattern``."""
+    try:
+        jsonschema_rs.validator_for(
+            {"pattern": pattern}, pattern_options=jsonschema_rs.RegexOptions()
+        )
+    except ValueError:  # jsonschema_rs.ValidationError: the schema's pattern is not a "regex"
+        return False
+    return True
+
+
+_META_VALIDATOR = Draft202012Validator(
+    Draft202012Validator.META_SCHEMA, format_checker=_REGEX_CHECKER
+)
+
+
+def _schema_problems(schema: Any, path: str) -> list[tuple[str, str]]:
+    errors = list(_META_VALIDATOR.iter_errors(schema))
+    patterns = [e for e in errors if e.validator == "format" and e.validator_value == "regex"]
+    if patterns:
+        return [
+            (
+                json_path([path, "schema", *error.absolute_path]),
+                f"{error.instance!r} is not a regular expression that the linear-time engine "
+                "runs (it has no look-around and no backreferences)",
+            )
+            for error in patterns
+        ]
+    if errors:
+        where = json_path(errors[0].absolute_path)
+        at = f" (at {where})" if where else ""
+        return [(f"{path}.schema", f"not a valid JSON Schema: {errors[0].message}{at}")]
+    try:
+        row_validator(schema)
+    except ValueError as exc:  # a $ref that is not in the schema itself, say
+        return [(f"{path}.schema", f"not a usable JSON Schema: {str(exc).splitlines()[0]}")]
+    return []
+
+
 def _reserved(names: Any, path: str) -> list[tuple[str, str]]:
     return [
         (path, f"names starting with {PREFIX!r} are reserved: {name!r}")
@@ -133,13 +189,7 @@ def operation_problems(op: dict[str, Any], path: str) -> list[tuple[str, str]]:
     """Checks of one operation that already matches its JSON Schema."""
     name = op["op"]
     if name == "validate":
-        try:
-            Draft202012Validator.check_schema(op["schema"])
-        except SchemaError as exc:
-            where = json_path(exc.absolute_path)
-            at = f" (at {where})" if where else ""
-            return [(f"{path}.schema", f"not a valid JSON Schema: {exc.message}{at}")]
-        return []
+        return _schema_problems(op["schema"], path)
     if name == "rename":
         problems = _reserved(op["fields"].values(), f"{path}.fields")
         targets: dict[str, str] = {}

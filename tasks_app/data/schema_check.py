@@ -50,9 +50,15 @@ _ALTERNATIVES = (
 
 
 def row_validator(schema: Any) -> Any:
-    """jsonschema-rs on the linear-time regex engine (the schema is already checked)."""
+    """jsonschema-rs on the linear-time regex engine, never fetching a remote ``$ref``.
+
+    Raises ``ValueError`` for a schema it cannot use; the payload check builds one first.
+    """
     return jsonschema_rs.Draft202012Validator(
-        schema, validate_formats=False, pattern_options=jsonschema_rs.RegexOptions()
+        schema,
+        validate_formats=False,
+        pattern_options=jsonschema_rs.RegexOptions(),
+        offline=True,
     )
 
 

@@ -143,7 +143,16 @@ def test_payload_that_is_not_an_object_has_a_problem() -> None:
         ),
         (
             {"op": "validate", "schema": {"properties": {"a": {"pattern": "(["}}}},
-            ("operations[0].schema", "not a valid JSON Schema"),
+            ("operations[0].schema.properties.a.pattern", "'([' is not a regular expression"),
+        ),
+        (
+            # Look-around and backreferences need a backtracking engine: refused.
+            {"op": "validate", "schema": {"properties": {"name": {"pattern": "(?<=x)y"}}}},
+            ("operations[0].schema.properties.name.pattern", "runs (it has no look-around"),
+        ),
+        (
+            {"op": "validate", "schema": {"items": {"patternProperties": {"^(a)\\1$": {}}}}},
+            ("operations[0].schema.items.patternProperties", "'^(a)\\\\1$' is not a regular"),
         ),
         (
             {"op": "validate", "schema": {}, "on_invalid": "ignore"},
@@ -276,3 +285,34 @@ def test_problems_of_several_operations_keep_their_order() -> None:
     )
 
     assert [path for path, _ in problems] == ["operations[1].fields.a", "operations[2].where"]
+
+
+def test_validate_pattern_that_only_python_rejects_is_accepted() -> None:
+    # Unicode classes run on the linear-time engine; Python's re could not compile them.
+    schema = {"properties": {"name": {"pattern": "^\\p{L}+$"}}}
+
+    assert _with_ops({"op": "validate", "schema": schema}) == []
+
+
+def test_validate_patterns_in_data_keywords_are_not_regular_expressions() -> None:
+    schema = {"properties": {"pattern": {"enum": ["(?<=x)"]}}, "const": {"pattern": "(a)\\1"}}
+
+    assert _with_ops({"op": "validate", "schema": schema}) == []
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("http://127.0.0.1:9/schema.json", "Retrieval is disabled"),
+        ("#/$defs/nowhere", "does not exist"),
+    ],
+)
+def test_validate_reference_outside_the_schema_is_refused_not_fetched(
+    ref: str, message: str
+) -> None:
+    schema = {"properties": {"a": {"$ref": ref}}}
+
+    problems = _with_ops({"op": "validate", "schema": schema})
+
+    assert [path for path, _ in problems] == ["operations[0].schema"]
+    assert message in problems[0][1]
