@@ -62,16 +62,25 @@ def row_validator(schema: Any) -> Any:
     )
 
 
+def _decoded(text: str | None, kind: str | None) -> Any:
+    if text is None or kind == "string":
+        return text
+    if kind == "integer":
+        return int(text)
+    if kind == "number":
+        return float(text)  # as in a number column, an integer beyond 64 bits is a float
+    if kind == "boolean":
+        return text == "true"
+    return json.loads(text)
+
+
 def json_values(frame: pl.DataFrame, name: str) -> list[Any]:
     """The values of ``name`` as the input's JSON had them (a mixed column is decoded)."""
     values = json_ready(frame.select(name)).to_series().to_list()
     if kind_column(name) not in frame.columns:
         return values
     kinds = frame.get_column(kind_column(name)).to_list()
-    return [
-        value if kind is None or kind == "string" else json.loads(value)
-        for value, kind in zip(values, kinds, strict=True)
-    ]
+    return [_decoded(text, kind) for text, kind in zip(values, kinds, strict=True)]
 
 
 def records_for_validation(frame: pl.DataFrame) -> list[dict[str, Any]]:

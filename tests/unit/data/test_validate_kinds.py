@@ -78,6 +78,19 @@ def test_validate_mixed_column_tells_a_string_from_the_value_it_spells() -> None
     assert valid_mask(frame, by_reference).to_list() == mask({"type": "integer"})
 
 
+def test_validate_mixed_integer_beyond_64_bits_is_a_float_on_every_path() -> None:
+    # As in a number column: compiled or row by row, 2**70 is the float it is held as.
+    frame = frame_from_records([{"v": 2**70}, {"v": "x"}, {"v": 5}])
+    below = {"maximum": 2**70 - 1}
+
+    compiled = valid_mask(frame, {"properties": {"v": below}}).to_list()
+    by_reference = {"$defs": {"m": below}, "properties": {"v": {"$ref": "#/$defs/m"}}}
+
+    assert valid_mask(frame, by_reference).to_list() == compiled == [True, True, True]
+    typed = run([_validate({"properties": {"v": {"type": "integer"}}})], [{"v": 2**70}, {"v": 1}])
+    assert typed.frame.get_column("v").to_list() == [float(2**70), 1.0]
+
+
 def test_validate_column_of_empty_objects_holds_objects() -> None:
     result = run([_validate({"properties": {"o": {"type": "object"}}})], [{"o": {}}, {"o": {}}])
 
