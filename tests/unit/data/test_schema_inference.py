@@ -36,6 +36,27 @@ def test_infer_schema_mixed_kinds_become_their_text() -> None:
     assert frame.get_column("m").to_list() == ["1", "a", "true", '{"k":[1]}', "1.5", None]
 
 
+def test_infer_schema_mixed_kinds_keep_each_values_kind() -> None:
+    records = [{"m": 1}, {"m": "a"}, {"m": None}, {"m": [1]}, {}]
+
+    schema = infer_schema(records)
+    frame = frame_from_records(records, schema)
+
+    assert schema.to_json()["fields"][0]["kinds"] == ["integer", "string", "array"]
+    assert Schema.from_json(json.dumps(schema.to_json())) == schema
+    assert frame.get_column("__qw_kind:m").to_list() == ["integer", "string", None, "array", None]
+
+
+def test_schema_without_kinds_still_reads_as_text() -> None:
+    # As stored before kinds were recorded: the field is text, with no kind column.
+    schema = Schema.from_json({"version": 1, "fields": [{"name": "m", "type": "text"}]})
+
+    frame = frame_from_records([{"m": 1}, {"m": "a"}], schema)
+
+    assert frame.columns == ["m"]
+    assert frame.get_column("m").to_list() == ["1", "a"]
+
+
 def test_infer_schema_bool_and_int_do_not_mix_into_numbers() -> None:
     assert _types([{"v": True}, {"v": 1}]) == {"v": "text"}
 

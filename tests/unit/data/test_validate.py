@@ -9,7 +9,7 @@ import jsonschema
 import jsonschema_rs
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tasks_app.data import DataError, frame_from_records, iter_csv_frames, run_single
@@ -277,6 +277,7 @@ def _records(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records=_records(), schema=_row_schema, csv=st.booleans())
+@example(records=[{"a": 1}, {"a": "1"}], schema={"properties": {"a": {"enum": [1]}}}, csv=False)
 def test_compiled_mask_equals_jsonschema_verdict(
     records: list[dict[str, Any]], schema: dict[str, Any], csv: bool
 ) -> None:
