@@ -51,9 +51,10 @@ _COMPARE = {
     "exclusiveMinimum": lambda v, m: v > m,
     "exclusiveMaximum": lambda v, m: v < m,
 }
-# Escapes that Polars' regex and jsonschema-rs (which reads ECMA-262 classes such as ``\d``
-# and ``\w`` as ASCII) read alike: escaped metacharacters, newline, return and tab.
+# Escapes that Polars' regex and jsonschema-rs read alike: metacharacters, newline, return, tab.
 _PLAIN_ESCAPES = set(".^$|?*+()[]{}\\/-nrt")
+# ECMA-262's ``\d`` and ``\w``, as jsonschema-rs reads them: ASCII only.
+_ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
 
 
 class Unsupported(Exception):
@@ -312,43 +313,60 @@ def _string_check(key: str, arg: Any, v: pl.Expr) -> pl.Expr:
         return (v.str.len_chars() >= arg).fill_null(True)
     if key == "maxLength":
         return (v.str.len_chars() <= arg).fill_null(True)
-    if not read_alike(arg):
+    pattern = polars_pattern(arg)
+    if pattern is None:
         raise Unsupported
     try:
-        pl.select(pl.lit("").str.contains(arg))
+        pl.select(pl.lit("").str.contains(pattern))
     except pl.exceptions.PolarsError as exc:
         raise Unsupported from exc
-    return v.str.contains(arg).fill_null(True)
+    return v.str.contains(pattern).fill_null(True)
 
 
-def read_alike(pattern: str) -> bool:
-    """Whether Polars reads ``pattern`` as jsonschema-rs does (else it is checked row-wise).
+def polars_pattern(pattern: str) -> str | None:
+    """``pattern`` as Polars must read it to match as jsonschema-rs does; None: not sure.
 
-    Refused: escapes other than ``_PLAIN_ESCAPES``, groups with ``(?`` other than ``(?:``,
-    ``{,``, and in a character class a ``[``, a set operation (``&&``, ``--``, ``~~``) or a
-    leading ``]`` (``[]`` is an empty class in ECMA-262, a ``]`` in Rust).
+    jsonschema-rs reads ``\\d`` and ``\\w`` as ECMA-262 does (ASCII only), Rust's own regex as
+    Unicode classes, so they are spelled out. Left to the row-wise check: other escapes than
+    ``_PLAIN_ESCAPES``, groups with ``(?`` other than ``(?:``, ``{,``, and in a character
+    class a ``[``, a set operation (``&&``, ``--``, ``~~``), ``\\D`` or ``\\W``, a class
+    escape next to a ``-``, or a leading ``]`` (``[]`` is empty in ECMA-262, a ``]`` in Rust).
     """
     if "{," in pattern or re.search(r"\(\?(?!:)", pattern):
-        return False
+        return None
+    out: list[str] = []
     in_class = False
     index = 0
     while index < len(pattern):
         char = pattern[index]
         if char == "\\":
-            if pattern[index + 1 : index + 2] not in _PLAIN_ESCAPES or index + 1 == len(pattern):
-                return False
+            escaped = pattern[index + 1 : index + 2]
+            if escaped.lower() in _ASCII_CLASSES:
+                members = _ASCII_CLASSES[escaped.lower()]
+                if not in_class:
+                    out.append(f"[^{members}]" if escaped.isupper() else f"[{members}]")
+                elif escaped.isupper() or "-" in (out[-1], pattern[index + 2 : index + 3]):
+                    return None
+                else:
+                    out.append(members)
+            elif escaped and escaped in _PLAIN_ESCAPES:
+                out.append(char + escaped)
+            else:
+                return None
             index += 2
             continue
         if in_class:
             if char == "[" or pattern[index : index + 2] in ("&&", "--", "~~"):
-                return False
-            if char == "]":
-                in_class = False
+                return None
+            in_class = char != "]"
         elif char == "[":
+            start = index + (2 if pattern[index + 1 : index + 2] == "^" else 1)
+            if pattern[start : start + 1] == "]":
+                return None
+            out.append(pattern[index:start])
             in_class = True
-            index += 2 if pattern[index + 1 : index + 2] == "^" else 1
-            if pattern[index : index + 1] == "]":
-                return False
+            index = start
             continue
+        out.append(char)
         index += 1
-    return True
+    return "".join(out)

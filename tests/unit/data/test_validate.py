@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tasks_app.data import DataError, frame_from_records, iter_csv_frames, run_single
 from tasks_app.data.schema_check import records_for_validation, valid_mask
-from tasks_app.data.schema_compile import mentions
+from tasks_app.data.schema_compile import Compiler, mentions
 from tests.unit.data._support import rows_of, run
 
 
@@ -196,6 +196,19 @@ def test_validate_dollar_matches_only_at_the_very_end() -> None:
     _agrees(frame, schema)
 
 
+@pytest.mark.parametrize("pattern", ["\\d", "^\\w+$", "[^\\d.]", "\\W", "^[\\w.]+@", "\\D$"])
+def test_validate_ascii_classes_compile_and_agree_with_jsonschema_rs(pattern: str) -> None:
+    values = ["٣", "3", "é", "_", "\u212a", "k", "ß", "a.b@x", "é.b@x", "", "-"]
+    frame = frame_from_records([{"a": value} for value in values])
+    schema = {"properties": {"a": {"pattern": pattern}}}
+    compiler = Compiler(frame)
+
+    compiler.row(schema)
+
+    assert compiler.residuals == []
+    _agrees(frame, schema)
+
+
 # --- the compiled mask against jsonschema, on generated rows and schemas -----------------------
 
 _FIELDS = ["a", "b", "c"]
@@ -205,6 +218,8 @@ _value = st.one_of(
     st.integers(-5, 5),
     st.sampled_from([0.0, 1.0, -2.5, 3.25, 1e20]),
     st.sampled_from(["", "a", "ab", " a", "abc", "A1", "é", "e\u0301", "👍", "x\n", "1"]),
+    # Digits and letters beyond ASCII: ``\d`` and ``\w`` are ASCII in ECMA-262.
+    st.sampled_from(["٣", "\u212a", "_", "a_1", "ß"]),
     # Strings that read like the text of other kinds of values.
     st.sampled_from(["true", "1.0", "-2.5", "null", "[1]", '{"a":1}']),
     st.sampled_from([[], [1, "a"], {}, {"a": 1}]),
@@ -220,7 +235,9 @@ _scalar_schema = st.fixed_dictionaries(
         "exclusiveMaximum": st.sampled_from([0, 2, 2.5]),
         "minLength": st.integers(0, 3),
         "maxLength": st.integers(0, 3),
-        "pattern": st.sampled_from(["^a", "b$", "[0-9]", "^.$", "e", "^$", "^[a-c]+$", "1|t"]),
+        "pattern": st.sampled_from(
+            ["^a", "b$", "[0-9]", "^.$", "e", "^$", "^[a-c]+$", "1|t", "\\d", "^\\w+$", "[^\\d.]"]
+        ),
         "multipleOf": st.sampled_from([1, 2, 3]),
     },
 )
@@ -258,7 +275,7 @@ def _records(draw: st.DrawFn) -> list[dict[str, Any]]:
     """Rows whose columns are of one JSON kind or mix kinds; keys may be missing."""
     kinds = {name: draw(_column_kind) for name in _FIELDS}
     numbers = st.sampled_from([0.0, 1.0, -2.5, 3.25, 2.0])
-    texts = st.sampled_from(["", "a", "ab", " a", "é", "x\n", "1", "1.0", "true"])
+    texts = st.sampled_from(["", "a", "ab", " a", "é", "x\n", "1", "1.0", "true", "٣", "_"])
     pools = {
         "int": st.one_of(st.none(), st.integers(-5, 5)),
         "float": st.one_of(st.none(), numbers),
