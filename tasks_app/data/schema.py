@@ -308,5 +308,8 @@ def frame_from_records(rows: list[dict[str, Any]], schema: Schema | None = None)
             columns.append(pl.Series(has_column(f.name), flags, dtype=pl.Boolean))
         if f.kinds:
             kinds = [_json_kind(row.get(f.name)) for row in rows]
-            columns.append(pl.Series(kind_column(f.name), kinds, dtype=pl.Enum(f.kinds)))
+            try:
+                columns.append(pl.Series(kind_column(f.name), kinds, dtype=pl.Enum(f.kinds)))
+            except pl.exceptions.PolarsError as exc:
+                raise DataError(f"field {f.name!r} holds other kinds than {f.kinds!r}") from exc
     return pl.DataFrame(columns, height=len(rows)) if columns else pl.DataFrame(height=len(rows))

@@ -47,6 +47,13 @@ def test_infer_schema_mixed_kinds_keep_each_values_kind() -> None:
     assert frame.get_column("__qw_kind:m").to_list() == ["integer", "string", None, "array", None]
 
 
+def test_frame_from_records_kind_outside_schema_fails() -> None:
+    schema = infer_schema([{"m": 1}, {"m": "a"}])
+
+    with pytest.raises(DataError, match="'m' holds other kinds"):
+        frame_from_records([{"m": [1]}], schema)
+
+
 def test_schema_without_kinds_still_reads_as_text() -> None:
     # As stored before kinds were recorded: the field is text, with no kind column.
     schema = Schema.from_json({"version": 1, "fields": [{"name": "m", "type": "text"}]})
