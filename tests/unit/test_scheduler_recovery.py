@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -11,9 +12,10 @@ from django.db import OperationalError
 from django.utils import timezone
 from django_celery_beat.schedulers import DatabaseScheduler
 
-from tasks_app import dispatcher, liveness, recovery, scheduler
+from tasks_app import dispatcher, liveness, recovery, scheduler, worker
 from tasks_app.dispatcher import FAILURE_REPORT_S, Dispatcher
-from tasks_app.models import DispatcherLease
+from tasks_app.models import DispatcherLease, Task, TaskStatus, WorkerHeartbeat
+from tests.unit._helpers import make_task
 
 
 class Clock:
@@ -158,3 +160,106 @@ def test_beat_with_a_foreign_scheduler_refuses_naming_the_command():
     service = _Service(scheduler=object(), scheduler_cls="celery.beat:PersistentScheduler")
     with pytest.raises(SystemExit, match="celery -A queueworker beat"):
         scheduler.ensure_project_scheduler(service)
+
+
+# --- the sweep's judgement: heartbeats, the backstop, the outage window -------------------------
+
+
+def _heartbeat(age_s: float) -> uuid.UUID:
+    now = timezone.now()
+    beat = WorkerHeartbeat.objects.create(
+        id=uuid.uuid4(), started_at=now, beat_at=now - timedelta(seconds=age_s)
+    )
+    return beat.id
+
+
+def _running(holder: uuid.UUID | None, *, lease_in_s: float = 300) -> Task:
+    return make_task(
+        TaskStatus.PROCESSING,
+        holder=holder,
+        lease_expires_at=timezone.now() + timedelta(seconds=lease_in_s),
+    )
+
+
+@pytest.fixture
+def lease_30(settings):
+    settings.QW_LEASE_SECONDS = 30
+
+
+@pytest.mark.django_db
+def test_sweep_recovers_a_task_whose_holder_stopped_beating(lease_30):
+    # given a task whose backstop lease has minutes left, and whose holder last beat 31 s ago
+    task = _running(_heartbeat(age_s=31))
+
+    # then the sweep counts a lost attempt now, naming the heartbeat
+    assert recovery.expire_leases() == 1
+    task.refresh_from_db()
+    assert task.status == TaskStatus.RETRYING and task.retries == 1
+    assert "stopped sending heartbeats" in task.error
+
+
+@pytest.mark.django_db
+def test_sweep_leaves_a_task_whose_holder_beats(lease_30):
+    task = _running(_heartbeat(age_s=5))
+    assert recovery.expire_leases() == 0
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING
+
+
+@pytest.mark.django_db
+def test_sweep_recovers_a_task_whose_holder_has_no_heartbeat_row(lease_30):
+    task = _running(uuid.uuid4())
+    assert recovery.expire_leases() == 1
+    task.refresh_from_db()
+    assert task.status == TaskStatus.RETRYING
+
+
+@pytest.mark.django_db
+def test_sweep_recovers_a_live_holders_task_past_its_backstop(lease_30):
+    task = _running(_heartbeat(age_s=1), lease_in_s=-1)
+    assert recovery.expire_leases() == 1
+    task.refresh_from_db()
+    assert "lease expired" in task.error
+
+
+@pytest.mark.django_db
+def test_sweep_judges_nothing_until_it_reached_the_database_for_a_whole_lease(lease_30):
+    # given a stale heartbeat and an expired backstop, seen by a sweeper that reconnected 10 s ago
+    stale = _running(_heartbeat(age_s=120))
+    expired = _running(None, lease_in_s=-1)
+    now = timezone.now()
+
+    # then it recovers neither; 31 s after its reconnection it recovers both
+    assert recovery.expire_leases(now=now, healthy_since=now - timedelta(seconds=10)) == 0
+    later = now + timedelta(seconds=21)
+    assert recovery.expire_leases(now=later, healthy_since=now - timedelta(seconds=10)) == 2
+    assert {t.status for t in Task.objects.filter(pk__in=[stale.pk, expired.pk])} == {
+        TaskStatus.RETRYING
+    }
+
+
+@pytest.mark.django_db
+def test_a_deferred_attempt_is_released_so_only_its_lease_bounds_it(monkeypatch, lease_30):
+    # given a claim by a process whose heartbeat then stops, and a handler that defers
+    # (a data task whose batches now run elsewhere)
+    from tasks_app.errors import Deferred
+    from tasks_app.handlers import registry
+
+    def deferring(ctx: object, payload: object) -> object:
+        raise Deferred("batches dispatched")
+
+    registry.register("TEST_DEFERRING", schema={"type": "object"})(deferring)
+    try:
+        holder = _heartbeat(age_s=0)
+        monkeypatch.setattr(liveness, "holder", lambda: holder)
+        task = make_task(TaskStatus.PENDING, type="TEST_DEFERRING")
+        outcome = worker.run(str(task.id), timeout_s=task.timeout_s, worker="w1")
+    finally:
+        registry._specs.pop("TEST_DEFERRING", None)
+    assert outcome.status == "deferred"
+    WorkerHeartbeat.objects.filter(pk=holder).update(beat_at=timezone.now() - timedelta(seconds=60))
+
+    # then the sweep does not take it for lost: no process holds it, its lease runs
+    assert recovery.expire_leases() == 0
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING and task.holder is None
