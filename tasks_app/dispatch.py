@@ -3,9 +3,9 @@
 A message carries ``{taskType, taskId, delay, metadata}`` — ids, never payloads; ``metadata``
 holds the time limit, the queue and, when the task was created or retried while handling a
 request or a message that had one, its ``request_id`` (from ``queueworker.logcontext``). If the
-broker cannot take it, the task's ``dispatched_at`` is cleared and the dispatcher in beat
-publishes it later; a short circuit breaker keeps every request from paying the connect
-timeout while the broker is down.
+broker cannot take it, the task's ``dispatched_at`` is cleared and the dispatcher (a leader
+elected among every worker and beat, ``tasks_app.dispatcher``) publishes it later; a short
+circuit breaker keeps every request from paying the connect timeout while the broker is down.
 
 Publisher confirms are kept, but a batch waits for them together: a one-at-a-time confirm
 costs a broker round trip per message (~1 ms here), which capped bulk creation near 500
