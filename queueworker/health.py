@@ -5,8 +5,11 @@ the answer comes within it even when a dependency hangs; a check still running t
 reported failed ("timed out").
 
 - ``/api/health/live/``: the process answers.
-- ``/api/health/ready/``: the database and the broker answer, and the dispatcher (which runs
-  in every worker and beat, one at a time) ran recently.
+- ``/api/health/ready/``: the database and the broker answer, so this process can accept work.
+  It also reports the dispatcher (which runs in every worker and beat, one at a time) under
+  ``warnings`` when it has not run recently, without failing: readiness decides whether a web
+  process gets traffic, and accepting tasks needs no dispatcher (the rows wait for it), so all
+  workers being down must not take the API out of service as well.
 - ``/api/health/``: those, plus workers (a Celery ping; and per queue, does any worker
   consume it?) and queues (none over ``QW_QUEUE_OVERLOAD_THRESHOLD``).
 
@@ -160,6 +163,10 @@ HealthOutput = inline_serializer(
     {
         "status": serializers.ChoiceField(choices=["ok", "unavailable"]),
         "failing": serializers.ListField(child=serializers.CharField()),
+        "warnings": serializers.ListField(
+            child=serializers.CharField(),
+            help_text="Checks that failed without failing the answer (the dispatcher in ready/).",
+        ),
         "checks": serializers.DictField(
             help_text="Per check {ok}; with latency_ms and detail for staff users and "
             "Authorization: Bearer <QW_METRICS_TOKEN>."
@@ -186,6 +193,8 @@ class _HealthBase(APIView):
     permission_classes = [AllowAny]
     # A list of named checks: a subclass adds one by name.
     checks: dict[str, Callable[[], str]] = {}
+    # Checks that are reported (under "warnings" when they fail) but do not fail the answer.
+    advisory: frozenset[str] = frozenset()
     _recent: _RecentResults
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -197,11 +206,18 @@ class _HealthBase(APIView):
 
     @extend_schema(responses={200: HealthOutput, 503: HealthOutput})
     def get(self, request: Request) -> Response:
-        healthy, results = self._recent.get(self.checks)
-        failing = [name for name, r in results.items() if not r["ok"]]
+        _, results = self._recent.get(self.checks)
+        failing = [n for n, r in results.items() if not r["ok"] and n not in self.advisory]
+        warnings = [n for n, r in results.items() if not r["ok"] and n in self.advisory]
+        healthy = not failing
         if not may_see_details(request):
             results = {name: {"ok": r["ok"]} for name, r in results.items()}
-        body = {"status": "ok" if healthy else "unavailable", "failing": failing, "checks": results}
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "failing": failing,
+            "warnings": warnings,
+            "checks": results,
+        }
         return Response(body, status=200 if healthy else 503)
 
 
@@ -212,9 +228,10 @@ class LiveView(_HealthBase):
 
 
 class ReadyView(_HealthBase):
-    """Ready to serve: the database and the broker answer, and the dispatcher runs."""
+    """Ready to accept work: the database and the broker answer; the dispatcher is reported."""
 
     checks = {"database": check_database, "broker": check_broker, "dispatcher": check_dispatcher}
+    advisory = frozenset({"dispatcher"})
 
 
 class HealthView(_HealthBase):

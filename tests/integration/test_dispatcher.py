@@ -122,19 +122,25 @@ def test_leader_killed_another_candidate_takes_over_within_seconds(spawn, kind):
 
 def test_health_names_a_dispatcher_that_has_not_run_then_reports_its_last_run(client, spawn):
     auth = {"HTTP_AUTHORIZATION": f"Bearer {METRICS_TOKEN}"}
-    # given no worker and no beat
-    for path in ("/api/health/ready/", "/api/health/"):
-        response = client.get(path, **auth)
-        assert response.status_code == 503
-        assert "dispatcher" in response.json()["failing"]
-        assert "has never run" in response.json()["checks"]["dispatcher"]["detail"]
+    # given no worker and no beat: health fails naming it
+    response = client.get("/api/health/", **auth)
+    assert response.status_code == 503
+    assert "dispatcher" in response.json()["failing"]
+    assert "has never run" in response.json()["checks"]["dispatcher"]["detail"]
+    # and readiness names it as a warning: this web process can still accept work
+    response = client.get("/api/health/ready/", **auth)
+    assert response.status_code == 200
+    assert response.json()["warnings"] == ["dispatcher"]
+    assert "has never run" in response.json()["checks"]["dispatcher"]["detail"]
 
     # when a worker starts, its dispatcher runs
     spawn("worker")
 
     # then readiness passes and says when and where the dispatcher last ran
     body = wait_for(
-        lambda: (r := client.get("/api/health/ready/", **auth)).status_code == 200 and r.json(),
+        lambda: (
+            (r := client.get("/api/health/ready/", **auth)).json()["warnings"] == [] and r.json()
+        ),
         timeout=15,
     )
     assert re.match(r"last ran \d+ s ago on worker ", body["checks"]["dispatcher"]["detail"])
@@ -150,8 +156,9 @@ def test_health_fails_when_the_dispatcher_stopped_running(client, spawn):
     )
 
     # then health fails naming it
-    response = client.get("/api/health/ready/", HTTP_AUTHORIZATION=f"Bearer {METRICS_TOKEN}")
+    response = client.get("/api/health/", HTTP_AUTHORIZATION=f"Bearer {METRICS_TOKEN}")
     assert response.status_code == 503
+    assert "dispatcher" in response.json()["failing"]
     assert "no worker or beat is running it" in response.json()["checks"]["dispatcher"]["detail"]
 
 
