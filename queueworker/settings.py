@@ -226,6 +226,8 @@ QW_ETA_MAX_SECONDS = env.int(
     "QW_ETA_MAX_SECONDS", 0 if QW_QUEUE_TYPE == messaging.QUORUM else 60, minimum=0, maximum=600
 )
 QW_REDISPATCH_SECONDS = env.int("QW_REDISPATCH_SECONDS", 300, minimum=1)
+# A waiting task's message counts as lost after this long when its queue holds no ready message.
+QW_LOST_MESSAGE_GRACE_S = env.float("QW_LOST_MESSAGE_GRACE_S", 10.0, minimum=1.0)
 QW_DISPATCH_INTERVAL_S = env.float("QW_DISPATCH_INTERVAL_S", 1.0, minimum=0.05)
 QW_SWEEP_INTERVAL_S = env.float("QW_SWEEP_INTERVAL_S", 5.0, minimum=0.1)
 QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maximum=10.0)

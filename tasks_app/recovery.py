@@ -3,9 +3,11 @@
 
 - ``dispatch_due`` publishes waiting tasks that are due and have no message in flight: delayed
   and scheduled tasks, long backoffs, tasks whose publish failed (``dispatched_at`` null), and
-  tasks whose message was lost (published more than ``QW_REDISPATCH_SECONDS`` ago, still
-  waiting). A duplicate message is harmless: the claim admits one. Rows are taken with
-  ``FOR UPDATE SKIP LOCKED``, so two dispatchers at once never publish the same task.
+  tasks whose message was lost: published more than ``QW_LOST_MESSAGE_GRACE_S`` ago into a
+  queue the broker says is empty, or more than ``QW_REDISPATCH_SECONDS`` ago whatever the
+  queue holds (``_empty_queues`` says why). A duplicate message is harmless: the claim admits
+  one. Rows are taken with ``FOR UPDATE SKIP LOCKED``, so two dispatchers at once never publish
+  the same task.
 - ``expire_leases`` turns PROCESSING tasks whose worker is gone into a failed attempt of class
   ``worker_lost``: RETRYING while retries remain, else FAILED. Gone means that the holder's
   heartbeat is older than ``QW_LEASE_SECONDS`` (``tasks_app.liveness``), or that the backstop
@@ -20,12 +22,14 @@ well: the sweep judges nothing until it has itself reached the database for a wh
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 
+from queueworker import broker
 from tasks_app import dispatch, liveness, state
 from tasks_app.models import (
     WAITING_STATUSES,
@@ -46,30 +50,87 @@ HEARTBEAT_KEEP_S = 3600
 
 def dispatch_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
     """Publish due waiting tasks that have no live message; return how many were published."""
+    empty = _empty_queues(now or liveness.db_now())
     total = 0
     for _ in range(MAX_BATCHES):
-        published = _dispatch_batch(now or liveness.db_now(), batch)
+        published = _dispatch_batch(now or liveness.db_now(), batch, empty)
         total += published
         if published < batch:
             break
     return total
 
 
-def _dispatch_batch(now: datetime, batch: int) -> int:
+@dataclass(frozen=True)
+class EmptyQueues:
+    """Work queues that held no ready message when the broker was asked, after ``before``."""
+
+    names: frozenset[str]
+    before: datetime
+
+
+def _empty_queues(now: datetime) -> EmptyQueues:
+    """Which work queues are empty, asked only when a waiting task may have lost its message.
+
+    A task published (``dispatched_at``) more than ``QW_LOST_MESSAGE_GRACE_S`` ago and still
+    waiting either has its message behind a backlog, or has none: its creator died between
+    commit and publish, or the broker dropped it. The database cannot tell the two apart, so
+    the ``QW_REDISPATCH_SECONDS`` rule waits minutes for both. The broker can: a queue with no
+    ready message hides no message behind anything. Its count is taken after ``before``, so a
+    message published before it would have been counted, unless a worker had already taken it
+    (its claim follows at once; an ETA message's ``dispatched_at`` is its due time, so the
+    grace runs from when it fires) or holds it in its prefetch, where a second message is a
+    harmless duplicate. A queue with a backlog keeps the slow rule, so sustained overload is
+    not doubled by re-publishing; an empty queue gains at most one message per waiting task
+    per grace. Without an answer (broker unreachable, its circuit breaker open, a management
+    API without figures yet) every queue keeps the slow rule.
+
+    Why ask about every work queue rather than the queues of the waiting tasks: one ``EXISTS``
+    stops at the first suspect, while the distinct queues of a backlog need a scan of all of
+    it each pass; the broker answers a handful of passive declares on one connection in
+    milliseconds. With ``QW_RABBITMQ_MANAGEMENT_URL`` the figures are the management API's,
+    refreshed every 5 s by default: the grace must stay above that interval.
+    """
+    before = now - timedelta(seconds=settings.QW_LOST_MESSAGE_GRACE_S)
+    nothing = EmptyQueues(frozenset(), before)
     lost_before = now - timedelta(seconds=settings.QW_REDISPATCH_SECONDS)
+    if before <= lost_before or dispatch.breaker_open():
+        return nothing
+    names = [queue.name for queue in settings.CELERY_TASK_QUEUES]
+    suspects = Task.objects.filter(
+        status__in=WAITING_STATUSES,
+        next_attempt_at__lte=now,
+        queue__in=names,
+        dispatched_at__lt=before,
+        dispatched_at__gte=lost_before,
+    )
+    if not suspects.exists():
+        return nothing
+    stats = broker.queue_stats(names)
+    if not broker.reachable(stats):
+        logger.debug(
+            "queue depths unknown (%s): lost messages wait for QW_REDISPATCH_SECONDS",
+            stats[0].error if stats else "no queues",
+        )
+    return EmptyQueues(frozenset(s.name for s in stats if s.messages == 0), before)
+
+
+def _dispatch_batch(now: datetime, batch: int, empty: EmptyQueues) -> int:
+    lost = Q(dispatched_at__lt=now - timedelta(seconds=settings.QW_REDISPATCH_SECONDS))
+    if empty.names:
+        lost |= Q(queue__in=empty.names, dispatched_at__lt=empty.before)
     with transaction.atomic():
         due = list(
             Task.objects.select_for_update(skip_locked=True)
             .filter(status__in=WAITING_STATUSES, next_attempt_at__lte=now)
-            .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=lost_before))
+            .filter(Q(dispatched_at__isnull=True) | lost)
             .order_by("next_attempt_at")
             .only("id", "type", "queue", "priority", "timeout_s", "dispatched_at")[:batch]
         )
         if not due:
             return 0
         Task.objects.filter(id__in=[t.id for t in due]).update(dispatched_at=now)
-        lost = [t for t in due if t.dispatched_at is not None]
-        if lost:
+        redispatched = [t for t in due if t.dispatched_at is not None]
+        if redispatched:
             TaskLog.objects.bulk_create(
                 TaskLog(
                     task=t,
@@ -77,9 +138,9 @@ def _dispatch_batch(now: datetime, batch: int) -> int:
                     event="redispatched",
                     message="no worker took its message in time: published again",
                 )
-                for t in lost
+                for t in redispatched
             )
-            logger.warning("redispatching %d tasks whose message was lost", len(lost))
+            logger.warning("redispatching %d tasks whose message was lost", len(redispatched))
         dispatch.publish_on_commit([dispatch.wakeup_for(t) for t in due])
     return len(due)
 
