@@ -130,7 +130,7 @@ def _all_complete_within_bound(
     last = Task.objects.filter(pk__in=ids).aggregate(last=Max("finished_at"))["last"]
     took = (last - fault_at).total_seconds()
     print(
-        f"\n{fault}: fault -> last completion {took:.1f} s; {_recovery_summary(ids)}; "
+        f"\n{fault}: fault -> last completion {took:.1f} s; {_recovery_summary(ids, fault_at)}; "
         f"HTTP calls made {len(server.received('/slow'))} for {TASKS} tasks"
     )
     assert took <= RECOVERY_BOUND_S, (took, _evidence(ids))
@@ -150,7 +150,7 @@ def _all_complete_within_bound(
     return took
 
 
-def _recovery_summary(ids: list[str]) -> str:
+def _recovery_summary(ids: list[str], fault_at: datetime) -> str:
     """What recovery took: events beyond created/started/completed, and repeated attempts."""
     usual = ("created", "started", "completed")
     events = dict(
@@ -160,8 +160,12 @@ def _recovery_summary(ids: list[str]) -> str:
         .annotate(n=Count("id"))
         .values_list("event", "n")
     )
-    again = Task.objects.filter(pk__in=ids, attempt__gt=1).count()
-    return f"other events {events}, tasks run more than once {again}"
+    again = Task.objects.filter(pk__in=ids, attempt__gt=1)
+    summary = f"other events {events}, tasks run more than once {again.count()}"
+    last = again.aggregate(last=Max("finished_at"))["last"]
+    if last is not None:
+        summary += f" (the last of them completed {(last - fault_at).total_seconds():.1f} s in)"
+    return summary
 
 
 def _report_in_flight(fault: str, counts: dict[str, int]) -> None:
