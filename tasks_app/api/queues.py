@@ -172,8 +172,8 @@ class PurgeOutput(serializers.Serializer):
 
 class QueuePurgeView(APIView):
     """Drop a queue's messages (staff only). Tasks stay in the database: their wake-ups are
-    gone, and beat's dispatcher republishes what still waits after QW_REDISPATCH_SECONDS;
-    cancel tasks to drop work."""
+    gone, and the dispatcher republishes what still waits once the queue is empty for
+    QW_LOST_MESSAGE_GRACE_S (10 s); cancel tasks to drop work."""
 
     permission_classes = [IsAdminUser]
 
