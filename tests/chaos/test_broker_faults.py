@@ -17,7 +17,7 @@ import requests
 
 from tasks_app.models import TaskStatus
 from tests.chaos import harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, OUTAGE_S, scaled
+from tests.chaos.harness import OUTAGE_S, SERVICE_ENV, scaled
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -104,8 +104,8 @@ def test_broker_connections_closed_under_load(services, spawn, token):
     # given gunicorn, two workers and beat on the session's vhost, and work in flight
     web = services.web(token=token)
     for _ in range(2):
-        spawn("worker", **FAST_RECOVERY)
-    spawn("beat", **FAST_RECOVERY)
+        spawn("worker", **SERVICE_ENV)
+    spawn("beat", **SERVICE_ENV)
     creates = Creates(web.session(), web.base)
     runs = _load(creates, _workflow(creates), busy_s=CLOSES * 1.5 + 3)
     stop = threading.Event()
@@ -164,8 +164,8 @@ def test_broker_unreachable_creates_answer_in_time_and_are_delivered(services, s
     broker = {"CELERY_BROKER_URL": harness.via_proxy(harness.broker_url(), proxy)}
     web = services.web(token=token, **broker)
     for _ in range(2):
-        spawn("worker", **FAST_RECOVERY, **broker)
-    spawn("beat", **FAST_RECOVERY, **broker)
+        spawn("worker", **SERVICE_ENV, **broker)
+    spawn("beat", **SERVICE_ENV, **broker)
     creates = Creates(web.session(), web.base)
     workflow = _workflow(creates)
     runs = _load(creates, workflow, busy_s=5)

@@ -14,7 +14,7 @@ import pytest
 
 from tasks_app.models import Task, TaskStatus
 from tests.chaos import harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, scaled
+from tests.chaos.harness import SERVICE_ENV, scaled
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,8 +40,8 @@ WINDOW_S = 120 + PIPELINES / 5
 def test_data_pipelines_survive_sigkills_with_exact_results(api, spawn):
     started = time.monotonic()
     # given two workers and beat
-    workers = [spawn("worker", **FAST_RECOVERY), spawn("worker", **FAST_RECOVERY)]
-    spawn("beat", **FAST_RECOVERY)
+    workers = [spawn("worker", **SERVICE_ENV), spawn("worker", **SERVICE_ENV)]
+    spawn("beat", **SERVICE_ENV)
     filler_ms = 2 * harness.mean_sleep_ms(FILLER, FILLER_S)
 
     # when, round after round, pipelines in batches arrive through the API, and a pool child

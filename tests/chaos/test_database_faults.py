@@ -13,7 +13,7 @@ import pytest
 
 from tasks_app.models import TaskStatus
 from tests.chaos import harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, OUTAGE_S, scaled
+from tests.chaos.harness import OUTAGE_S, SERVICE_ENV, scaled
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -48,8 +48,8 @@ def test_database_connections_terminated_mid_run(api, spawn):
     started = time.monotonic()
     # given two workers and beat with work in flight
     for _ in range(2):
-        spawn("worker", **FAST_RECOVERY)
-    spawn("beat", **FAST_RECOVERY)
+        spawn("worker", **SERVICE_ENV)
+    spawn("beat", **SERVICE_ENV)
     accepted, runs, _ = _submit(api, "chaos-pg-terminate", busy_s=TERMINATIONS * 1.5 + 3)
 
     # when every other backend of this session's database is terminated, again and again
@@ -88,8 +88,8 @@ def test_database_unreachable_then_back_loses_nothing(api, spawn, services):
     proxy = services.proxy(harness.database_url())
     database = {"DATABASE_URL": harness.via_proxy(harness.database_url(), proxy)}
     for _ in range(2):
-        spawn("worker", **FAST_RECOVERY, **database)
-    spawn("beat", **FAST_RECOVERY, **database)
+        spawn("worker", **SERVICE_ENV, **database)
+    spawn("beat", **SERVICE_ENV, **database)
     accepted, runs, workflow = _submit(api, "chaos-pg-outage", busy_s=5)
     time.sleep(1.0)
 

@@ -22,7 +22,7 @@ import pytest
 from tasks_app.dispatch import EXECUTE_TASK
 from tasks_app.models import DeadLetterMessage, Task, TaskStatus
 from tests.chaos import harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, WORK_QUEUES, scaled
+from tests.chaos.harness import SERVICE_ENV, WORK_QUEUES, scaled
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -142,8 +142,8 @@ def _fates(markers: dict[str, str], logs: str) -> dict[str, dict[str, int]]:
 def test_malformed_messages_are_refused_and_delay_nothing(api, spawn):
     started = time.monotonic()
     # given two workers and beat, and their pool processes
-    workers = [spawn("worker", **FAST_RECOVERY), spawn("worker", **FAST_RECOVERY)]
-    spawn("beat", **FAST_RECOVERY)
+    workers = [spawn("worker", **SERVICE_ENV), spawn("worker", **SERVICE_ENV)]
+    spawn("beat", **SERVICE_ENV)
     pools = [set(w.children()) for w in workers]
 
     # when malformed messages of every kind reach the work queues, with real work behind them

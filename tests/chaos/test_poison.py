@@ -12,7 +12,7 @@ import pytest
 
 from tasks_app.models import FailureClass, Task, TaskLog, TaskStatus
 from tests.chaos import handlers, harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, scaled
+from tests.chaos.harness import SERVICE_ENV, scaled
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -23,7 +23,7 @@ BATCHES = 20  # the ordinary work arrives over BATCHES × PACE_S, while the pois
 PACE_S = 0.5
 STALL_S = 5.0  # an ordinary task waiting longer than this means the queue stalled
 WINDOW_S = 90 + TASKS / 25
-POISON_ENV = {**FAST_RECOVERY, "QW_HANDLER_MODULES": "tests.chaos.handlers"}
+POISON_ENV = {**SERVICE_ENV, "QW_HANDLER_MODULES": "tests.chaos.handlers"}
 
 
 @pytest.mark.timeout(int(WINDOW_S + 240))

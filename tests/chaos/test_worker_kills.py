@@ -13,7 +13,7 @@ import pytest
 
 from tasks_app.models import TaskStatus
 from tests.chaos import harness, invariants, report, workload
-from tests.chaos.harness import FAST_RECOVERY, scaled
+from tests.chaos.harness import SERVICE_ENV, scaled
 from workflows_app.models import RunStatus, WorkflowRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -31,8 +31,8 @@ WINDOW_S = 90 + TASKS / 25
 def test_sigkilled_workers_lose_nothing_and_complete_nothing_twice(api, spawn):
     started = time.monotonic()
     # given two workers, beat, TASKS tasks and RUNS workflow runs submitted through the API
-    workers = [spawn("worker", **FAST_RECOVERY), spawn("worker", **FAST_RECOVERY)]
-    spawn("beat", **FAST_RECOVERY)
+    workers = [spawn("worker", **SERVICE_ENV), spawn("worker", **SERVICE_ENV)]
+    spawn("beat", **SERVICE_ENV)
     workflow = workload.create_workflow(api, "chaos-kills", workload.fan_out_fan_in())
     bodies = [workload.noop_task(ms) for ms in workload.sleeps(TASKS, 0, 2 * MEAN_SLEEP_MS)]
     half = len(bodies) // 2

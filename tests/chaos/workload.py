@@ -14,7 +14,6 @@ from typing import Any
 
 from tasks_app.handlers import registry
 
-NOOP_TIMEOUT_S = 3
 STEP_MAX_RETRIES = 10
 
 
@@ -22,7 +21,6 @@ def noop_task(sleep_ms: int = 0, *, max_retries: int = STEP_MAX_RETRIES) -> dict
     return {
         "type": "NOOP",
         "payload": {"sleep_ms": sleep_ms} if sleep_ms else {},
-        "timeout_s": NOOP_TIMEOUT_S,
         "max_retries": max_retries,
     }
 
@@ -108,7 +106,6 @@ def fan_out_fan_in(sleep_ms: int = 60) -> dict[str, Any]:
     step = {
         "type": "NOOP",
         "payload": {"sleep_ms": sleep_ms},
-        "timeout_s": NOOP_TIMEOUT_S,
         "max_retries": STEP_MAX_RETRIES,
     }
     steps: dict[str, Any] = {"start": {**step, "next": ["a1", "b1", "c1", "d1"]}}
