@@ -202,6 +202,7 @@ def test_health_anonymous_gets_status_per_check_only(client, fake_checks):
     assert response.json() == {
         "status": "unavailable",
         "failing": ["broker"],
+        "warnings": [],
         "checks": {"broker": {"ok": False}, "workers": {"ok": True}},
     }
     assert "internal" not in response.content.decode()
