@@ -33,7 +33,9 @@ __all__ = [
     "cancel",
     "cancel_running",
     "claim",
+    "claim_many",
     "complete",
+    "complete_many",
     "expire_lease",
     "fail",
     "release",
@@ -540,3 +542,129 @@ def renew_lease(task_id: Any, *, seconds: float, now: datetime | None = None) ->
             pk=task_id, status=TaskStatus.PROCESSING, lease_expires_at__lt=until
         ).update(lease_expires_at=until)
     )
+
+
+# --- Many tasks per statement (the worker's batches) -------------------------------------------
+# A message may wake several tasks; claiming and completing them one statement each would cost
+# the worker two commits per task. These take a list and cost one statement (one commit) for
+# all: each row is still guarded by its own status and, for outcomes, its own attempt.
+
+MAX_BATCH = 500
+
+
+def _uuid_list(ids: Any) -> list[uuid.UUID]:
+    return sorted({i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids})
+
+
+def claim_many(
+    task_ids: Any,
+    *,
+    lease_s: float,
+    worker: str = "",
+    holder: uuid.UUID | None = None,
+    now: datetime | None = None,
+) -> list[Task]:
+    """``claim`` for every claimable task of ``task_ids``, in one statement; the claimed rows.
+
+    Each claimed row gets its own new attempt (``attempt + 1``) and its ``started`` log row in
+    the same statement. Rows are locked in id order before they are updated, so two claims
+    over overlapping ids wait for each other instead of deadlocking, and each task is claimed
+    once. Ids that are unknown, not due, running or finished are left alone.
+    """
+    ids = _uuid_list(task_ids)
+    if not ids:
+        return []
+    if connection.vendor != "postgresql":
+        claimed = (
+            claim(task_id, lease_s=lease_s, worker=worker, holder=holder, now=now)
+            for task_id in ids
+        )
+        return [task for task in claimed if task is not None]
+    now = now or timezone.now()
+    qn = connection.ops.quote_name
+    table = qn(Task._meta.db_table)
+    rule = TRANSITIONS[Transition.CLAIM]
+    sources = sorted(rule.sources)
+    due_by = now + timedelta(seconds=1)  # a countdown's ETA may fire a moment early
+    placeholders = ", ".join(["%s"] * len(sources))
+    # Identifiers are quoted model names; every value is a parameter.
+    locked = (
+        f"SELECT {qn('id')} FROM {table} WHERE {qn('id')} = ANY(%s::uuid[]) "  # noqa: S608
+        f"AND {qn('status')} IN ({placeholders}) "
+        f"AND ({qn('next_attempt_at')} IS NULL OR {qn('next_attempt_at')} <= %s) "
+        f"ORDER BY {qn('id')} FOR UPDATE"
+    )
+    update = (
+        f"UPDATE {table} SET {qn('status')} = %s, {qn('attempt')} = {qn('attempt')} + 1, "  # noqa: S608
+        f"{qn('lease_expires_at')} = statement_timestamp() + make_interval(secs => %s), "
+        f"{qn('holder')} = %s, {qn('started_at')} = COALESCE({qn('started_at')}, %s) "
+        f"FROM c WHERE {table}.{qn('id')} = c.{qn('id')} "
+        f"AND {table}.{qn('status')} IN ({placeholders})"
+    )
+    returning = ", ".join(f"{table}.{qn(c)}" for c in _COLUMNS)
+    params: list[Any] = [
+        ids,
+        *sources,
+        _prep("next_attempt_at", due_by),
+        rule.target,
+        float(lease_s),
+        holder,
+        _prep("started_at", now),
+        *sources,
+    ]
+    log = LogEntry(message=f"started on {worker}" if worker else "started", data={"worker": worker})
+    sql = f"WITH c AS ({locked}), " + _with_log(update, returning)[len("WITH ") :]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *_log_params(Transition.CLAIM, log, now)])
+        rows = cursor.fetchall()
+    return [_task_from_row(row) for row in rows]
+
+
+def complete_many(
+    outcomes: list[tuple[Any, int, Any]], *, now: datetime | None = None
+) -> set[uuid.UUID]:
+    """``complete`` for many ``(task_id, attempt, result)`` at once; the ids completed.
+
+    One statement on PostgreSQL: an ``UPDATE … FROM unnest(…)`` guarded per row by its id, its
+    attempt and PROCESSING, with each completed row's log written by the same statement. An
+    id missing from the answer was refused by its guard (stale: the task had moved on).
+    """
+    if not outcomes:
+        return set()
+    now = now or timezone.now()
+    if connection.vendor != "postgresql":
+        done: set[uuid.UUID] = set()
+        for task_id, attempt, result in outcomes:
+            if complete(task_id, attempt, result, now=now):
+                done.add(task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id)))
+        return done
+    ordered = sorted(
+        (i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)), a, r) for i, a, r in outcomes
+    )
+    qn = connection.ops.quote_name
+    table = qn(Task._meta.db_table)
+    rule = TRANSITIONS[Transition.COMPLETE]
+    sources = sorted(rule.sources)
+    update = (
+        f"UPDATE {table} SET {qn('status')} = %s, {qn('result')} = v.result::jsonb, "  # noqa: S608
+        f"{qn('finished_at')} = %s, {qn('lease_expires_at')} = NULL, {qn('error')} = '', "
+        f"{qn('failure_class')} = '' "
+        f"FROM unnest(%s::uuid[], %s::integer[], %s::text[]) AS v(id, attempt, result) "
+        f"WHERE {table}.{qn('id')} = v.id AND {table}.{qn('attempt')} = v.attempt "
+        f"AND {table}.{qn('status')} IN ({', '.join(['%s'] * len(sources))})"
+    )
+    params: list[Any] = [
+        rule.target,
+        _prep("finished_at", now),
+        [i for i, _, _ in ordered],
+        [a for _, a, _ in ordered],
+        [None if r is None else json.dumps(r) for _, _, r in ordered],  # None: SQL NULL
+        *sources,
+    ]
+    returning = f"{table}.{qn('id')}, {table}.{qn('attempt')}"
+    log = LogEntry(message="completed")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _with_log(update, returning), [*params, *_log_params(Transition.COMPLETE, log, now)]
+        )
+        return {row[0] for row in cursor.fetchall()}
