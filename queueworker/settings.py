@@ -235,6 +235,13 @@ QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
 QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
 QW_MAX_SCHEDULES_PER_USER = env.int("QW_MAX_SCHEDULES_PER_USER", 100, minimum=1)
 QW_WORKER_SYNC_COMMIT = env.bool("QW_WORKER_SYNC_COMMIT", False)
+# A message that wakes several tasks (tasks_app.worker.run_batch): claimed in sub-batches of at
+# most QW_WORKER_CLAIM_MAX, completions written together every QW_WORKER_FLUSH_MS or
+# QW_WORKER_FLUSH_TASKS, ids not claimed within QW_WORKER_BATCH_BUDGET_S published again.
+QW_WORKER_BATCH_BUDGET_S = env.float("QW_WORKER_BATCH_BUDGET_S", 5.0, minimum=0.1, maximum=60.0)
+QW_WORKER_CLAIM_MAX = env.int("QW_WORKER_CLAIM_MAX", 100, minimum=1, maximum=500)
+QW_WORKER_FLUSH_MS = env.int("QW_WORKER_FLUSH_MS", 20, minimum=1, maximum=1000)
+QW_WORKER_FLUSH_TASKS = env.int("QW_WORKER_FLUSH_TASKS", 100, minimum=1, maximum=500)
 # DATA_PROCESSING (tasks_app/handlers/data_processing.py).
 QW_DATA_BATCH_SIZE = env.int("QW_DATA_BATCH_SIZE", 100_000, minimum=1, maximum=1_000_000)
 QW_DATA_MAX_SOURCE_BYTES = env.int("QW_DATA_MAX_SOURCE_BYTES", 1024**3, minimum=1024)

@@ -27,6 +27,7 @@ app.steps["consumer"].add(DeadLetterConsumer)
 
 DB_RETRY_MAX = 100
 DB_RETRY_CAP_S = 10
+MAX_TASK_IDS = 500  # ids in one message, at most
 
 
 @instrumented_task(name=EXECUTE_TASK, queue=DEFAULT_QUEUE, bind=True, max_retries=DB_RETRY_MAX)
@@ -36,8 +37,9 @@ def execute_task(
     taskId: str = "",  # a message without one is refused below (not a TypeError in the pool)
     delay: float = 0,
     metadata: dict[str, Any] | None = None,
+    taskIds: Any = None,  # several tasks of one type and queue, taskId first
 ) -> str:
-    """Run one task: the message is a wake-up; the database row says what to do."""
+    """Run one task, or several: the message is a wake-up; the database rows say what to do."""
     try:
         task_id = str(uuid.UUID(str(taskId)))
     except ValueError:
@@ -45,6 +47,10 @@ def execute_task(
     timeout_s = _timeout_from(metadata)
     hostname = self.request.hostname or ""
     request_id = logcontext.valid_request_id((metadata or {}).get("request_id"))
+    if taskIds is not None:
+        task_ids = _task_ids_from(taskIds, task_id)
+        if len(task_ids) > 1:
+            return _execute_many(self, task_ids, timeout_s, hostname, request_id)
     started = time.monotonic()
     # The pipeline adds type, attempt and workflow_run_id once it has claimed the row.
     with logcontext.bind(task_id=task_id, request_id=request_id):
@@ -61,6 +67,53 @@ def execute_task(
             raise self.retry(exc=exc, countdown=countdown) from exc
         _log_outcome(outcome, (time.monotonic() - started) * 1000)
     return outcome.status
+
+
+def _task_ids_from(value: Any, first: str) -> list[str]:
+    """The ids of a message that wakes several tasks; a malformed list refuses the message."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TASK_IDS:
+        raise Reject(f"invalid taskIds: a list of 1 to {MAX_TASK_IDS} ids expected", requeue=False)
+    try:
+        ids = [str(uuid.UUID(str(item))) for item in value]
+    except ValueError:
+        raise Reject("invalid taskIds: an item is not a UUID", requeue=False) from None
+    if first not in ids:
+        raise Reject("invalid taskIds: taskId is not among them", requeue=False)
+    return list(dict.fromkeys([first, *ids]))
+
+
+def _execute_many(
+    self: CeleryTask, task_ids: list[str], timeout_s: int, hostname: str, request_id: str | None
+) -> str:
+    started = time.monotonic()
+    with logcontext.bind(task_id=task_ids[0], request_id=request_id):
+        try:
+            report = worker.run_batch(task_ids, timeout_s=timeout_s, worker=hostname)
+            if not report.claimed and not report.republished:
+                if not Task.objects.filter(id__in=task_ids).exists():
+                    raise Reject(f"no task among {len(task_ids)} ids", requeue=False)
+        except (OperationalError, InterfaceError) as exc:
+            # As for one task: what was recorded stays recorded; a new delivery of the message
+            # claims only the tasks still claimable.
+            close_broken_connections()
+            countdown = _io_backoff(self.request.retries)
+            logger.warning(
+                "database unavailable for %d tasks, retrying in %ss", len(task_ids), countdown
+            )
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        duration_ms = (time.monotonic() - started) * 1000
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(report.outcomes.items()))
+        if report.republished:
+            summary += f", {report.republished} published again"
+        logger.log(
+            logging.WARNING if report.outcomes.get("failed") else logging.INFO,
+            "%d tasks in %.1f ms: %s",
+            len(task_ids),
+            duration_ms,
+            summary,
+            extra={"outcome": "batch", "duration_ms": round(duration_ms, 1)},
+        )
+    return "batch"
 
 
 # DATA_PROCESSING's chord (tasks_app/batches.py). Each is sent to its task's own queue; the

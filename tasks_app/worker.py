@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,7 +39,7 @@ from tasks_app import dispatch, liveness, state
 from tasks_app.backoff import backoff_delay
 from tasks_app.errors import Deferred, PermanentError, RetryableError, TaskCancelled
 from tasks_app.handlers.registry import registry  # the package registers the built-ins
-from tasks_app.models import FailureClass, Task, TaskLog
+from tasks_app.models import WAITING_STATUSES, FailureClass, Task, TaskLog
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,18 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
     )
     if task is None:
         return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
+    return run_claimed(task)
+
+
+def run_claimed(
+    task: Task, *, completions: Completions | None = None, time_limit: bool = False
+) -> Outcome:
+    """Run a claimed task's handler and record its outcome.
+
+    ``completions``: a result is buffered there and written with others (a task of a
+    workflow is still finished on its own, with its coordinator). ``time_limit``: the handler
+    runs under its own ``timeout_s`` (``handler_time_limit``), for a message that runs several.
+    """
     logcontext.update(type=task.type, attempt=task.attempt, workflow_run_id=task.workflow_run_id)
     if task.cancel_requested:
         _finishing(task, lambda: state.cancel_running(task.id, task.attempt))
@@ -99,7 +116,11 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
             detail = "; ".join(f"{path or '(root)'}: {message}" for path, message in problems)
             return finish_failed(task, f"invalid payload after $ref: {detail}", retryable=False)
     try:
-        result = spec.func(TaskContext(task), task.payload)
+        if time_limit:
+            with handler_time_limit(task.timeout_s):
+                result = spec.func(TaskContext(task), task.payload)
+        else:
+            result = spec.func(TaskContext(task), task.payload)
     except TaskCancelled:
         return finish_cancelled(task)
     except Deferred as exc:
@@ -125,17 +146,20 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
         logger.exception("handler %s raised", task.type)
         return finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
+    if completions is not None and task.workflow_run_id is None:
+        problem = _result_problem(result)
+        if problem is not None:
+            return finish_failed(task, problem, retryable=False)
+        completions.add(task, result)
+        return Outcome("completed", "buffered")
     return finish_completed(task, result)
 
 
 def finish_completed(task: Task, result: Any) -> Outcome:
     """Record a handler's result (also for work that finishes a deferred task)."""
-    try:
-        json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return finish_failed(task, f"result is not JSON: {exc}", retryable=False)
-    if _contains_nul(result):  # PostgreSQL's jsonb cannot store NUL characters
-        return finish_failed(task, "result contains a NUL character (\\u0000)", retryable=False)
+    problem = _result_problem(result)
+    if problem is not None:
+        return finish_failed(task, problem, retryable=False)
     if _finishing(task, lambda: state.complete(task.id, task.attempt, result)):
         return Outcome("completed")
     return Outcome("stale", "completion discarded: the task had moved on")
@@ -205,6 +229,17 @@ def retry_delay(task: Task, *, retry_after: float | None = None) -> float:
     )
 
 
+def _result_problem(result: Any) -> str | None:
+    """Why ``result`` cannot be stored as a task's result, or None."""
+    try:
+        json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"result is not JSON: {exc}"
+    if _contains_nul(result):  # PostgreSQL's jsonb cannot store NUL characters
+        return "result contains a NUL character (\\u0000)"
+    return None
+
+
 def _contains_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -260,3 +295,238 @@ def _durably(write: Callable[[], T]) -> T:
         if pause != FINISH_RETRY_FIRST_S:
             logger.info("outcome recorded after %.1f s", time.monotonic() - started)
         return result
+
+
+# --- Several tasks per message ------------------------------------------------------------------
+# A message may wake several tasks of one type and queue (``taskIds``). Claims and completions
+# are then written many per statement, which shares a commit among them; each task is still
+# fenced by its own attempt, runs under its own time limit, and is cancelled, deferred or
+# retried exactly as when it comes alone.
+
+FIRST_CLAIM = 4  # the first sub-batch: the handlers' durations are not known yet
+CANCEL_REFRESH_S = 0.05  # claimed tasks waiting this long re-read their cancel flags first
+
+
+class HandlerTimeLimit(SoftTimeLimitExceeded):
+    """A handler ran past its own task's time limit (in a message that runs several)."""
+
+
+@contextmanager
+def handler_time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``HandlerTimeLimit`` in the block after ``seconds`` (a real-time interval timer).
+
+    Celery's soft time limit covers a whole message; with several tasks in it, each handler
+    gets its own. Only the main thread receives signals: elsewhere the block runs unbounded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise HandlerTimeLimit(f"time limit of {seconds}s exceeded")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Completions:
+    """Results of finished handlers waiting to be written together (``state.complete_many``).
+
+    Written when ``max_tasks`` wait, when the oldest has waited ``max_age_s`` (checked between
+    handlers and, with ``background=True``, by a thread while a handler runs, so that a slow
+    handler never holds the results before it back), and at the end of the message.
+    """
+
+    def __init__(self, *, max_tasks: int, max_age_s: float) -> None:
+        self.max_tasks = max_tasks
+        self.max_age_s = max_age_s
+        self.completed = 0
+        self.stale = 0
+        self.writes = 0
+        self._items: list[tuple[Task, Any]] = []
+        self._oldest = 0.0
+        self._lock = threading.Lock()  # guards the fields above
+        self._writing = threading.Lock()  # one write at a time, in the order taken
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def add(self, task: Task, result: Any) -> None:
+        with self._lock:
+            if not self._items:
+                self._oldest = time.monotonic()
+            self._items.append((task, result))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def due(self) -> bool:
+        with self._lock:
+            return bool(self._items) and (
+                len(self._items) >= self.max_tasks
+                or time.monotonic() - self._oldest >= self.max_age_s
+            )
+
+    def flush(self) -> None:
+        """Write what waits now; a row its guard refuses counts as stale."""
+        with self._writing:
+            with self._lock:
+                items, self._items = self._items, []
+            if not items:
+                return
+            try:
+                done = _durably(
+                    lambda: state.complete_many([(t.id, t.attempt, r) for t, r in items])
+                )
+            except BaseException:
+                with self._lock:  # not written: keep them for the next try (or the raise)
+                    self._items[:0] = items
+                raise
+            with self._lock:
+                self.writes += 1
+                self.completed += len(done)
+                self.stale += len(items) - len(done)
+            if len(done) < len(items):
+                for task, _ in items:
+                    if task.id not in done:
+                        logger.info("completion of task %s discarded: it had moved on", task.id)
+
+    def start_background(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="qw-completions", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.max_age_s / 2):
+                if self.due():
+                    self.flush()
+        except BaseException as exc:  # kept for the message's own final write to raise
+            self._error = exc
+        finally:
+            connections.close_all()  # this thread's connections
+
+    def close(self) -> None:
+        """Stop the thread and write what is left (raising if it cannot be written)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+
+
+@dataclass
+class BatchReport:
+    """What became of a message's tasks."""
+
+    outcomes: Counter[str]
+    claimed: int = 0
+    claims: int = 0  # claim statements
+    writes: int = 0  # completion statements
+    republished: int = 0  # ids handed to a new message past the budget
+    seconds: float = 0.0
+
+
+def run_batch(
+    task_ids: Sequence[str],
+    *,
+    timeout_s: int,
+    worker: str = "",
+    budget_s: float | None = None,
+    claim_max: int | None = None,
+    flush_tasks: int | None = None,
+    flush_ms: int | None = None,
+    background: bool = True,
+) -> BatchReport:
+    """Run the tasks of one message: claim them lazily in sub-batches, run each handler under
+    its own time limit, write the completions together.
+
+    A sub-batch is sized from the handlers' durations so far, so that it ends within the
+    budget. Past ``budget_s`` the ids not yet claimed are published as a new message and this
+    one ends: a message never holds its consumer for long. A claimed task whose outcome is not
+    written when the process dies is PROCESSING with this process as its holder, so the
+    heartbeat sweep runs it again; the others are finished or still claimable.
+    """
+    started = time.monotonic()
+    budget = settings.QW_WORKER_BATCH_BUDGET_S if budget_s is None else budget_s
+    most = claim_max or settings.QW_WORKER_CLAIM_MAX
+    completions = Completions(
+        max_tasks=flush_tasks or settings.QW_WORKER_FLUSH_TASKS,
+        max_age_s=(flush_ms or settings.QW_WORKER_FLUSH_MS) / 1000,
+    )
+    report = BatchReport(outcomes=Counter())
+    remaining = list(dict.fromkeys(str(i) for i in task_ids))
+    size = min(FIRST_CLAIM, most)
+    ran = 0
+    running_s = 0.0
+    holder = liveness.holder()
+    if background:
+        completions.start_background()
+    try:
+        while remaining:
+            elapsed = time.monotonic() - started
+            if report.claims and elapsed >= budget:
+                report.republished = _republish(remaining)
+                break
+            if ran:  # as many as should end within the budget left, at most twice as many
+                per_task = max(running_s / ran, 1e-4)
+                size = max(1, min(most, 2 * size, int((budget - elapsed) / per_task)))
+            chunk, remaining = remaining[:size], remaining[size:]
+            # Each may wait for the ones before it in the sub-batch: the backstop covers them all.
+            lease_s = backstop_lease_s(timeout_s) + timeout_s * (len(chunk) - 1)
+            tasks = state.claim_many(chunk, lease_s=lease_s, worker=worker, holder=holder)
+            report.claims += 1
+            report.claimed += len(tasks)
+            if len(tasks) < len(chunk):
+                report.outcomes["skipped"] += len(chunk) - len(tasks)
+            order = {task_id: index for index, task_id in enumerate(chunk)}
+            tasks.sort(key=lambda t: order.get(str(t.id), 0))
+            checked = time.monotonic()
+            for index, task in enumerate(tasks):
+                now = time.monotonic()
+                if now - checked >= CANCEL_REFRESH_S:
+                    _refresh_cancels(tasks[index:])
+                    checked = now
+                with logcontext.bind(task_id=str(task.id)):
+                    outcome = run_claimed(task, completions=completions, time_limit=True)
+                running_s += time.monotonic() - now
+                ran += 1
+                report.outcomes[outcome.status if outcome.detail != "buffered" else "buffered"] += 1
+                if completions.due():
+                    completions.flush()
+    finally:
+        completions.close()
+    if completions._error is not None:
+        logger.warning("a background write of completions failed: %s", completions._error)
+    buffered = report.outcomes.pop("buffered", 0)
+    if buffered:
+        if completions.completed:
+            report.outcomes["completed"] += completions.completed
+        if completions.stale:
+            report.outcomes["stale"] += completions.stale
+    report.writes = completions.writes
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _refresh_cancels(tasks: Sequence[Task]) -> None:
+    """Claimed tasks still waiting to run see a cancel requested since their claim."""
+    waiting = {task.id: task for task in tasks if not task.cancel_requested}
+    if not waiting:
+        return
+    flagged = Task.objects.filter(id__in=list(waiting), cancel_requested=True).values_list(
+        "id", flat=True
+    )
+    for task_id in flagged:
+        waiting[task_id].cancel_requested = True
+
+
+def _republish(task_ids: Sequence[str]) -> int:
+    """Publish wake-ups for the ids this message will not claim (those still waiting)."""
+    waiting = Task.objects.filter(id__in=list(task_ids), status__in=WAITING_STATUSES)
+    wakeups = [dispatch.wakeup_for(task) for task in waiting]
+    dispatch.publish(wakeups)
+    return len(wakeups)
