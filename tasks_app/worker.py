@@ -334,6 +334,31 @@ def handler_time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+# billiard's pool sends this to a child past a message's soft time limit.
+MESSAGE_SOFT_LIMIT_SIGNAL = getattr(signal, "SIGUSR1", None)
+
+
+@contextmanager
+def message_soft_limit_as_wrap_up(reached: threading.Event) -> Iterator[None]:
+    """Past the message's soft time limit, set ``reached`` instead of raising anywhere.
+
+    For a message of several tasks Celery's soft limit would interrupt whatever runs, a claim
+    or a write of completions included; each handler has its own limit instead, and the batch
+    takes the message's as a request to stop claiming and hand the rest to a new message.
+    """
+    if (
+        MESSAGE_SOFT_LIMIT_SIGNAL is None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    previous = signal.signal(MESSAGE_SOFT_LIMIT_SIGNAL, lambda signum, frame: reached.set())
+    try:
+        yield
+    finally:
+        signal.signal(MESSAGE_SOFT_LIMIT_SIGNAL, previous)
+
+
 class Completions:
     """Results of finished handlers waiting to be written together (``state.complete_many``).
 
@@ -463,40 +488,44 @@ def run_batch(
     ran = 0
     running_s = 0.0
     holder = liveness.holder()
+    wrap_up = threading.Event()
     if background:
         completions.start_background()
     try:
-        while remaining:
-            elapsed = time.monotonic() - started
-            if report.claims and elapsed >= budget:
-                report.republished = _republish(remaining)
-                break
-            if ran:  # as many as should end within the budget left, at most twice as many
-                per_task = max(running_s / ran, 1e-4)
-                size = max(1, min(most, 2 * size, int((budget - elapsed) / per_task)))
-            chunk, remaining = remaining[:size], remaining[size:]
-            # Each may wait for the ones before it in the sub-batch: the backstop covers them all.
-            lease_s = backstop_lease_s(timeout_s) + timeout_s * (len(chunk) - 1)
-            tasks = state.claim_many(chunk, lease_s=lease_s, worker=worker, holder=holder)
-            report.claims += 1
-            report.claimed += len(tasks)
-            if len(tasks) < len(chunk):
-                report.outcomes["skipped"] += len(chunk) - len(tasks)
-            order = {task_id: index for index, task_id in enumerate(chunk)}
-            tasks.sort(key=lambda t: order.get(str(t.id), 0))
-            checked = time.monotonic()
-            for index, task in enumerate(tasks):
-                now = time.monotonic()
-                if now - checked >= CANCEL_REFRESH_S:
-                    _refresh_cancels(tasks[index:])
-                    checked = now
-                with logcontext.bind(task_id=str(task.id)):
-                    outcome = run_claimed(task, completions=completions, time_limit=True)
-                running_s += time.monotonic() - now
-                ran += 1
-                report.outcomes[outcome.status if outcome.detail != "buffered" else "buffered"] += 1
-                if completions.due():
-                    completions.flush()
+        with message_soft_limit_as_wrap_up(wrap_up):
+            while remaining:
+                elapsed = time.monotonic() - started
+                if report.claims and (elapsed >= budget or wrap_up.is_set()):
+                    report.republished = _republish(remaining)
+                    break
+                if ran:  # as many as should end within the budget left, at most twice as many
+                    per_task = max(running_s / ran, 1e-4)
+                    size = max(1, min(most, 2 * size, int((budget - elapsed) / per_task)))
+                chunk, remaining = remaining[:size], remaining[size:]
+                # Each may wait for those before it in the sub-batch: the backstop covers all.
+                lease_s = backstop_lease_s(timeout_s) + timeout_s * (len(chunk) - 1)
+                tasks = state.claim_many(chunk, lease_s=lease_s, worker=worker, holder=holder)
+                report.claims += 1
+                report.claimed += len(tasks)
+                if len(tasks) < len(chunk):
+                    report.outcomes["skipped"] += len(chunk) - len(tasks)
+                order = {task_id: index for index, task_id in enumerate(chunk)}
+                tasks.sort(key=lambda t: order.get(str(t.id), 0))
+                checked = time.monotonic()
+                for index, task in enumerate(tasks):
+                    now = time.monotonic()
+                    if now - checked >= CANCEL_REFRESH_S:
+                        _refresh_cancels(tasks[index:])
+                        checked = now
+                    with logcontext.bind(task_id=str(task.id)):
+                        outcome = run_claimed(task, completions=completions, time_limit=True)
+                    running_s += time.monotonic() - now
+                    ran += 1
+                    report.outcomes[
+                        outcome.status if outcome.detail != "buffered" else "buffered"
+                    ] += 1
+                    if completions.due():
+                        completions.flush()
     finally:
         completions.close()
     if completions._error is not None:

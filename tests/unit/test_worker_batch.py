@@ -4,6 +4,7 @@ budget past which the ids not claimed go to a new message."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -165,6 +166,28 @@ def test_past_the_budget_the_ids_not_claimed_are_published_again(handler_type, p
     )
     assert {w.type for batch in published for w in batch} == {kind}
     assert all(Task.objects.get(id=t.id).status == S.PENDING for t in tasks[4:])
+
+
+def test_the_message_soft_limit_stops_claiming_instead_of_interrupting(handler_type, published):
+    # given a batch whose message reaches Celery's soft time limit during its first handler
+    previous = signal.getsignal(signal.SIGUSR1)
+
+    def handler(ctx: Any, payload: Any) -> Any:
+        if payload.get("signal"):
+            os.kill(os.getpid(), signal.SIGUSR1)  # what billiard's pool sends at the soft limit
+            time.sleep(0.01)
+        return {}
+
+    kind = handler_type(handler)
+    tasks = [make_task(type=kind, payload={"signal": True})]
+    tasks += [make_task(type=kind, payload={}) for _ in range(6)]
+
+    report = _batch(tasks)
+
+    # then the claimed sub-batch finishes and the rest goes to a new message
+    assert report.outcomes == {"completed": 4}
+    assert report.republished == 3
+    assert signal.getsignal(signal.SIGUSR1) is previous
 
 
 def test_each_handler_runs_under_its_own_time_limit(handler_type, published):
