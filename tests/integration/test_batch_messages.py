@@ -128,3 +128,33 @@ def test_a_retry_inside_a_batch_runs_again_and_completes(spawn):
     assert _events(flaky.id) == ["started", "retry_scheduled", "started", "completed"]
     for task in tasks:
         assert _events(task.id) == ["started", "completed"]
+
+
+def test_malformed_task_ids_are_refused_like_a_bad_task_id(spawn):
+    from tasks_app.models import DeadLetterMessage
+
+    worker = spawn("worker")
+    (task,) = _tasks(1)
+    queue = task.queue
+    bad = [
+        "not a list",
+        [str(task.id), "not-a-uuid"],
+        [str(task.id)] * 501,
+        [str(t.id) for t in _tasks(2)],  # taskId is not among them
+    ]
+    for value in bad:
+        app.send_task(
+            EXECUTE_TASK,
+            kwargs={"taskType": "NOOP", "taskId": str(task.id), "taskIds": value},
+            exchange=TASKS_EXCHANGE,
+            queue=queue,
+            routing_key=queue,
+        )
+
+    # each is dead-lettered without running the task it names; the worker goes on
+    wait_for(lambda: DeadLetterMessage.objects.count() >= len(bad), timeout=20)
+    assert Task.objects.get(id=task.id).status == S.PENDING
+    (good,) = _tasks(1)
+    _send([good, *_tasks(2)])
+    wait_for(lambda: Task.objects.get(id=good.id).status == S.COMPLETED, timeout=20)
+    assert worker.popen.poll() is None
