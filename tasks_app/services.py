@@ -12,7 +12,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Model
 from django.utils import timezone
 
 from queueworker import logcontext
@@ -147,18 +148,51 @@ def _earlier_with_key(owner: User, spec: TaskSpec, now: datetime) -> Task | None
 def task_bulk_create(
     *, owner: User, specs: Sequence[TaskSpec], by: str | None = None
 ) -> list[Task]:
-    """Create all tasks in one transaction (all or none), then publish them in one batch."""
+    """Create all tasks in one transaction (all or none), then publish them in one batch.
+
+    On PostgreSQL the task rows and their ``created`` log rows are written with ``COPY``:
+    one statement each, where an ``INSERT`` of a thousand rows cost more in building its
+    SQL than in running it.
+    """
     now = timezone.now()
     tasks = [_build(spec, owner, now) for spec in specs]
     by = by or owner.get_username()
+    logs = [_created_log(t, by) for t in tasks]
     # No savepoint when nested (the coordinator): an error undoes the enclosing decision too.
     with transaction.atomic(savepoint=False):
-        Task.objects.bulk_create(tasks, batch_size=1000)
-        TaskLog.objects.bulk_create([_created_log(t, by) for t in tasks], batch_size=1000)
+        insert_rows(Task, tasks)
+        insert_rows(TaskLog, logs)
         dispatch.publish_on_commit(
             [dispatch.wakeup_for(t) for t in tasks if t.dispatched_at is not None]
         )
     return tasks
+
+
+def insert_rows(model: type[Model], objs: Sequence[Model]) -> None:
+    """Insert ``objs`` (new rows; an auto-increment key is left to the database and not read
+    back) with one ``COPY`` on PostgreSQL, ``bulk_create`` elsewhere."""
+    if not objs:
+        return
+    alias = router.db_for_write(model)
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        model._default_manager.using(alias).bulk_create(objs, batch_size=1000)
+        return
+    meta = model._meta
+    fields = [
+        f
+        for f in meta.concrete_fields
+        if not (f.primary_key and getattr(f, "db_returning", False))  # serial keys
+    ]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields if f.column)
+    statement = f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN"
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        for obj in objs:
+            copy.write_row([f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields])
+    for obj in objs:
+        obj._state.adding = False
+        obj._state.db = alias
 
 
 @dataclass(frozen=True)
