@@ -1,4 +1,5 @@
-"""The three measurements: bulk end to end, single create latency, bare Celery.
+"""The measurements: bulk end to end, single create latency (idle and with the worker
+saturated), bare Celery.
 
 Times are wall-clock epoch seconds (``time.time()``) on both sides: the benchmark's clock for
 the start of submission, the worker's ``finished_at`` (same machine, same clock) for the end.
@@ -18,7 +19,7 @@ import psycopg
 import requests
 
 from bench import bare_app
-from bench.services import Processes, executable, queues_consumed, wait_until
+from bench.services import Processes, executable, niced, queues_consumed, wait_until
 from queueworker import messaging
 
 POLL_S = 0.5
@@ -199,6 +200,7 @@ class SingleResult:
     mean_ms: float | None = None
     max_ms: float | None = None
     completed_after: int | None = None  # of the created tasks, completed within the wait
+    unfinished_at_end: int | None = None  # tasks not yet finished when the last create returned
 
 
 def run_single(
@@ -230,6 +232,7 @@ def run_single(
                     )
                 continue
             latencies.append(elapsed_ms)
+        result.unfinished_at_end = _unfinished(conn)
         result.ok = len(latencies)
         if latencies:
             result.p50_ms = percentile(latencies, 0.5)
@@ -249,6 +252,43 @@ def run_single(
             result.errors.append(str(exc))
         result.completed_after = _completed(conn) - before
     return result
+
+
+def run_single_saturated(
+    api: Api,
+    database_url: str,
+    backlog: int,
+    count: int = 500,
+    *,
+    batch: int = 1000,
+    timeout: float,
+    check: Callable[[], None],
+    log: Callable[[str], None] = print,
+) -> SingleResult:
+    """Single-create latency while the worker is saturated: ``backlog`` NOOP tasks are created
+    in bulk first, then ``count`` sequential creates are timed as the worker drains them (the
+    same client and percentile code as ``run_single``). ``unfinished_after`` tells whether the
+    backlog lasted through the measurement."""
+    sizes = [min(batch, backlog - offset) for offset in range(0, backlog, batch)]
+    bodies = {size: json.dumps({"tasks": [{"type": "NOOP"}] * size}).encode() for size in sizes}
+    for size in sizes:
+        response = api.post("/api/tasks/bulk/", bodies[size])
+        if response.status_code != 201:
+            raise RuntimeError(f"backlog bulk call: HTTP {response.status_code}")
+    result = run_single(api, database_url, count, check=check, wait_s=timeout)
+    log(
+        f"  {result.ok} creates, p50 {result.p50_ms or 0:.1f} ms, p99 {result.p99_ms or 0:.1f} ms"
+        f"; backlog left when the last create returned: {result.unfinished_at_end:,}"
+    )
+    return result
+
+
+def _unfinished(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        f"SELECT count(*) FROM {TASK_TABLE} WHERE status IN ('PENDING', 'RETRYING', 'PROCESSING')"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _completed(conn: psycopg.Connection[Any]) -> int:
@@ -297,6 +337,7 @@ def run_bare(
     os.environ[bare_app.BROKER_ENV] = broker_url
     bare_app.app.conf.update(broker_url=broker_url)
     argv = [
+        *niced(),
         executable("celery"),
         "-A",
         "bench.bare_app",
