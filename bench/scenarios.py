@@ -210,14 +210,18 @@ def run_single(
     *,
     check: Callable[[], None],
     wait_s: float = 60.0,
+    between: Callable[[psycopg.Connection[Any], int], None] | None = None,
 ) -> SingleResult:
-    """``count`` sequential creates of one NOOP each, worker running; client-side latency."""
+    """``count`` sequential creates of one NOOP each, worker running; client-side latency.
+    ``between`` runs before each create, outside the timed span."""
     result = SingleResult(requests=count)
     body = json.dumps({"type": "NOOP"}).encode()
     latencies: list[float] = []
     with psycopg.connect(database_url, autocommit=True) as conn:
         before = _completed(conn)
         for i in range(count):
+            if between is not None:
+                between(conn, i)
             t0 = time.perf_counter()
             try:
                 response = api.post("/api/tasks/", body, timeout=30)
@@ -266,19 +270,31 @@ def run_single_saturated(
     log: Callable[[str], None] = print,
 ) -> SingleResult:
     """Single-create latency while the worker is saturated: ``backlog`` NOOP tasks are created
-    in bulk first, then ``count`` sequential creates are timed as the worker drains them (the
-    same client and percentile code as ``run_single``). ``unfinished_after`` tells whether the
-    backlog lasted through the measurement."""
-    sizes = [min(batch, backlog - offset) for offset in range(0, backlog, batch)]
-    bodies = {size: json.dumps({"tasks": [{"type": "NOOP"}] * size}).encode() for size in sizes}
-    for size in sizes:
-        response = api.post("/api/tasks/bulk/", bodies[size])
-        if response.status_code != 201:
-            raise RuntimeError(f"backlog bulk call: HTTP {response.status_code}")
-    result = run_single(api, database_url, count, check=check, wait_s=timeout)
+    in bulk first and topped up between creates (bulk calls, not timed) whenever fewer than
+    half are left, so the worker drains all along; ``count`` sequential creates are timed with
+    the same client and percentile code as ``run_single``. ``unfinished_at_end`` tells
+    whether the backlog lasted through the measurement."""
+    body = json.dumps({"tasks": [{"type": "NOOP"}] * batch}).encode()
+    floor = max(batch, backlog // 2)
+
+    def top_up(conn: psycopg.Connection[Any]) -> None:
+        left = _unfinished(conn)
+        while left < backlog:
+            response = api.post("/api/tasks/bulk/", body)
+            if response.status_code != 201:
+                raise RuntimeError(f"backlog bulk call: HTTP {response.status_code}")
+            left += batch
+
+    def between(conn: psycopg.Connection[Any], i: int) -> None:
+        if i % 10 == 0 and _unfinished(conn) < floor:
+            top_up(conn)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        top_up(conn)
+    result = run_single(api, database_url, count, check=check, wait_s=timeout, between=between)
     log(
         f"  {result.ok} creates, p50 {result.p50_ms or 0:.1f} ms, p99 {result.p99_ms or 0:.1f} ms"
-        f"; backlog left when the last create returned: {result.unfinished_at_end:,}"
+        f"; backlog left when the last create returned: {result.unfinished_at_end or 0:,}"
     )
     return result
 
