@@ -85,3 +85,38 @@ def test_every_bad_item_is_named_and_nothing_is_written(api):
     assert "sleep_ms" in errors["3"]["payload"]
     assert "priority" in errors["17"]
     assert Task.objects.count() == 0 and TaskLog.objects.count() == 0
+
+
+# --- single create: the task and its log row in one statement ---------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_single_create_outside_a_transaction_writes_task_and_log_in_one_statement(api, user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(
+            "/api/tasks/", {"type": "NOOP", "payload": {"sleep_ms": 1}}, format="json"
+        )
+
+    assert response.status_code == 201, response.content
+    inserts = [q["sql"] for q in queries.captured_queries if "INSERT" in q["sql"]]
+    assert len(inserts) == 1 and inserts[0].startswith("WITH t AS (INSERT")
+    task = Task.objects.get(pk=response.json()["id"])
+    assert (task.owner_id, task.payload, task.status) == (user.id, {"sleep_ms": 1}, "PENDING")
+    log = TaskLog.objects.get(task=task)
+    assert log.event == "created" and log.data["by"] == user.get_username()
+    assert log.level == "INFO" and log.created_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_key_in_one_statement_path_returns_the_first_task(api):
+    body = {"type": "NOOP", "idempotency_key": "once"}
+
+    first = api.post("/api/tasks/", body, format="json")
+    again = api.post("/api/tasks/", body, format="json")
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert Task.objects.count() == 1 and TaskLog.objects.count() == 1
