@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = Processes(env=iso.env, log_dir=iso.log_dir)
     bulk: BulkResult | None = None
     single: SingleResult | None = None
+    saturated: SingleResult | None = None
     bare: BareResult | None = None
     mode: dict[str, Any] = {}
     mode_lines: list[str] = []
@@ -111,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             single = scenarios.run_single(
                 api, iso.database_url, SINGLE_REQUESTS, check=processes.check_alive
             )
+            log(
+                f"scenario single create latency, worker saturated: {args.tasks:,} NOOP tasks "
+                f"in bulk, then {SINGLE_REQUESTS} sequential creates while they drain"
+            )
+            saturated = scenarios.run_single_saturated(
+                api,
+                iso.database_url,
+                args.tasks,
+                SINGLE_REQUESTS,
+                batch=BATCH,
+                timeout=args.timeout,
+                check=processes.check_alive,
+                log=log,
+            )
         # The yardstick gets the machine to itself, as the service had.
         processes.stop_all()
         if not args.skip_bare:
@@ -124,7 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 log=log,
             )
         log("")
-        log(report.render(n=args.tasks, mode_lines=mode_lines, bulk=bulk, single=single, bare=bare))
+        log(
+            report.render(
+                n=args.tasks,
+                mode_lines=mode_lines,
+                bulk=bulk,
+                single=single,
+                saturated=saturated,
+                bare=bare,
+            )
+        )
         incomplete = (bulk and not bulk.complete) or (bare and not bare.complete)
         exit_code = 2 if incomplete else 0
     except KeyboardInterrupt:
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.payload(
                     bulk=bulk,
                     single=single,
+                    saturated=saturated,
                     bare=bare,
                     run_id=iso.run_id,
                     finished_at=datetime.now(UTC).isoformat(),

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import BareResult, BulkResult, SingleResult
+from bench.services import WORKER_NICE
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 E2E_TARGET = 1000.0  # tasks/s
 RATIO_TARGET = 0.5  # QueueWorker e2e / bare Celery e2e
 SINGLE_P99_TARGET_MS = 20.0
+CREATION_TARGET = 3000.0  # tasks/s through the bulk endpoint, 1,000 a call
 
 
 @dataclass
@@ -25,7 +27,10 @@ class Target:
 
 
 def targets(
-    bulk: BulkResult | None, single: SingleResult | None, ratio: float | None
+    bulk: BulkResult | None,
+    single: SingleResult | None,
+    ratio: float | None,
+    saturated: SingleResult | None = None,
 ) -> list[Target]:
     def judge(ok: bool | None) -> str:
         return "n/a" if ok is None else ("MET" if ok else "MISSED")
@@ -39,10 +44,35 @@ def targets(
         if single is None
         else bool(p99 is not None and not single.errors and p99 < SINGLE_P99_TARGET_MS)
     )
+    busy_p99 = saturated.p99_ms if saturated else None
+    busy_ok = (
+        None
+        if saturated is None
+        else bool(
+            busy_p99 is not None
+            and not saturated.errors
+            and busy_p99 < SINGLE_P99_TARGET_MS
+            and bool(saturated.unfinished_at_end)  # the worker was still busy at the end
+        )
+    )
+    creation = bulk.creation_rate if bulk else None
+    creation_ok = None if bulk is None else bool(creation and creation >= CREATION_TARGET)
     return [
+        Target(
+            "bulk creation rate",
+            f">= {CREATION_TARGET:,.0f} tasks/s",
+            creation,
+            judge(creation_ok),
+        ),
         Target("end-to-end throughput", f">= {E2E_TARGET:,.0f} tasks/s", e2e, judge(e2e_ok)),
         Target("QueueWorker / bare Celery", f">= {RATIO_TARGET}x", ratio, judge(ratio_ok)),
         Target("single create p99", f"< {SINGLE_P99_TARGET_MS:.0f} ms", p99, judge(single_ok)),
+        Target(
+            "single create p99, worker saturated",
+            f"< {SINGLE_P99_TARGET_MS:.0f} ms",
+            busy_p99,
+            judge(busy_ok),
+        ),
     ]
 
 
@@ -61,7 +91,8 @@ def describe_mode(mode: dict[str, Any], concurrency: int, web_workers: int) -> l
     return [
         f"web: gunicorn queueworker.wsgi --workers {web_workers} (sync workers); API create "
         f"commit synchronous (server synchronous_commit={m('server_synchronous_commit')})",
-        f"worker: celery -A queueworker worker -c {concurrency} -P prefork, all work queues; "
+        f"worker: nice -n {WORKER_NICE} celery -A queueworker worker -c {concurrency} -P prefork, "
+        "all work queues; "
         f"prefetch multiplier {m('prefetch_multiplier')}, acks_late {m('acks_late')}, "
         f"reject_on_worker_lost {m('reject_on_worker_lost')}",
         f"broker: publisher confirms (confirm_publish) {m('confirm_publish')}; "
@@ -69,7 +100,7 @@ def describe_mode(mode: dict[str, Any], concurrency: int, web_workers: int) -> l
         f"db: CELERY_DB_REUSE_MAX {m('db_reuse_max')}, CONN_MAX_AGE {m('conn_max_age')}; "
         f"DEBUG {m('debug')}, LOG_LEVEL {m('log_level')}, "
         f"QW_THROTTLE_CREATE {m('throttle_create')}",
-        f"bare Celery: -c {concurrency} prefork, prefetch multiplier "
+        f"bare Celery: nice -n {WORKER_NICE}, -c {concurrency} prefork, prefetch multiplier "
         f"{m('prefetch_multiplier')}, acks_late, "
         "confirm_publish, json, results ignored, durable classic queue bench.bare",
     ]
@@ -86,16 +117,17 @@ def render(
     bulk: BulkResult | None,
     single: SingleResult | None,
     bare: BareResult | None,
+    saturated: SingleResult | None = None,
 ) -> str:
     ratio = ratio_of(bulk, bare)
-    status = {t.name: f"{t.target:<18} {t.status}" for t in targets(bulk, single, ratio)}
+    status = {t.name: f"{t.target:<18} {t.status}" for t in targets(bulk, single, ratio, saturated)}
     rows: list[tuple[str, str, str]] = []
     if bulk:
         rows += [
             (
                 "creation rate (bulk, 1,000/call)",
                 f"{_num(bulk.creation_rate, unit=' tasks/s')}",
-                f"{bulk.accepted:,} accepted in {bulk.submit_s:.2f} s",
+                f"{status['bulk creation rate']}; {bulk.accepted:,} in {bulk.submit_s:.2f} s",
             ),
             (
                 "end-to-end throughput",
@@ -111,9 +143,18 @@ def render(
     if single:
         rows.append(
             (
-                "single create p50 / p99",
+                "single create p50 / p99, idle",
                 f"{_num(single.p50_ms, '.1f')} / {_num(single.p99_ms, '.1f')} ms",
                 status["single create p99"],
+            )
+        )
+    if saturated:
+        rows.append(
+            (
+                "single create p50 / p99, saturated",
+                f"{_num(saturated.p50_ms, '.1f')} / {_num(saturated.p99_ms, '.1f')} ms",
+                f"{status['single create p99, worker saturated']}; "
+                f"{saturated.unfinished_at_end or 0:,} tasks still queued at the end",
             )
         )
     if bare:
@@ -140,7 +181,8 @@ def render(
     out.append(f"  {'-' * width}  {'-' * vwidth}  {'-' * 34}")
     for name, value, note in rows:
         out.append(f"  {name:<{width}}  {value:>{vwidth}}  {note}")
-    for label, res in (("bulk", bulk), ("single", single), ("bare", bare)):
+    results = (("bulk", bulk), ("single", single), ("saturated", saturated), ("bare", bare))
+    for label, res in results:
         for error in (res.errors if res else [])[:10]:
             out.append(f"  ! {label}: {error}")
     if bare:
@@ -160,6 +202,7 @@ def payload(
     bulk: BulkResult | None,
     single: SingleResult | None,
     bare: BareResult | None,
+    saturated: SingleResult | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     ratio = ratio_of(bulk, bare)
@@ -167,7 +210,8 @@ def payload(
         **extra,
         "bulk": asdict(bulk) if bulk else None,
         "single": asdict(single) if single else None,
+        "single_saturated": asdict(saturated) if saturated else None,
         "bare": asdict(bare) if bare else None,
         "ratio_vs_bare": ratio,
-        "targets": [asdict(t) for t in targets(bulk, single, ratio)],
+        "targets": [asdict(t) for t in targets(bulk, single, ratio, saturated)],
     }

@@ -1,4 +1,5 @@
-"""The three measurements: bulk end to end, single create latency, bare Celery.
+"""The measurements: bulk end to end, single create latency (idle and with the worker
+saturated), bare Celery.
 
 Times are wall-clock epoch seconds (``time.time()``) on both sides: the benchmark's clock for
 the start of submission, the worker's ``finished_at`` (same machine, same clock) for the end.
@@ -18,7 +19,7 @@ import psycopg
 import requests
 
 from bench import bare_app
-from bench.services import Processes, executable, queues_consumed, wait_until
+from bench.services import Processes, executable, niced, queues_consumed, wait_until
 from queueworker import messaging
 
 POLL_S = 0.5
@@ -199,6 +200,7 @@ class SingleResult:
     mean_ms: float | None = None
     max_ms: float | None = None
     completed_after: int | None = None  # of the created tasks, completed within the wait
+    unfinished_at_end: int | None = None  # tasks not yet finished when the last create returned
 
 
 def run_single(
@@ -208,14 +210,18 @@ def run_single(
     *,
     check: Callable[[], None],
     wait_s: float = 60.0,
+    between: Callable[[psycopg.Connection[Any], int], None] | None = None,
 ) -> SingleResult:
-    """``count`` sequential creates of one NOOP each, worker running; client-side latency."""
+    """``count`` sequential creates of one NOOP each, worker running; client-side latency.
+    ``between`` runs before each create, outside the timed span."""
     result = SingleResult(requests=count)
     body = json.dumps({"type": "NOOP"}).encode()
     latencies: list[float] = []
     with psycopg.connect(database_url, autocommit=True) as conn:
         before = _completed(conn)
         for i in range(count):
+            if between is not None:
+                between(conn, i)
             t0 = time.perf_counter()
             try:
                 response = api.post("/api/tasks/", body, timeout=30)
@@ -230,6 +236,7 @@ def run_single(
                     )
                 continue
             latencies.append(elapsed_ms)
+        result.unfinished_at_end = _unfinished(conn)
         result.ok = len(latencies)
         if latencies:
             result.p50_ms = percentile(latencies, 0.5)
@@ -249,6 +256,55 @@ def run_single(
             result.errors.append(str(exc))
         result.completed_after = _completed(conn) - before
     return result
+
+
+def run_single_saturated(
+    api: Api,
+    database_url: str,
+    backlog: int,
+    count: int = 500,
+    *,
+    batch: int = 1000,
+    timeout: float,
+    check: Callable[[], None],
+    log: Callable[[str], None] = print,
+) -> SingleResult:
+    """Single-create latency while the worker is saturated: ``backlog`` NOOP tasks are created
+    in bulk first and topped up between creates (bulk calls, not timed) whenever fewer than
+    half are left, so the worker drains all along; ``count`` sequential creates are timed with
+    the same client and percentile code as ``run_single``. ``unfinished_at_end`` tells
+    whether the backlog lasted through the measurement."""
+    body = json.dumps({"tasks": [{"type": "NOOP"}] * batch}).encode()
+    floor = max(batch, backlog // 2)
+
+    def top_up(conn: psycopg.Connection[Any]) -> None:
+        left = _unfinished(conn)
+        while left < backlog:
+            response = api.post("/api/tasks/bulk/", body)
+            if response.status_code != 201:
+                raise RuntimeError(f"backlog bulk call: HTTP {response.status_code}")
+            left += batch
+
+    def between(conn: psycopg.Connection[Any], i: int) -> None:
+        if i % 10 == 0 and _unfinished(conn) < floor:
+            top_up(conn)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        top_up(conn)
+    result = run_single(api, database_url, count, check=check, wait_s=timeout, between=between)
+    log(
+        f"  {result.ok} creates, p50 {result.p50_ms or 0:.1f} ms, p99 {result.p99_ms or 0:.1f} ms"
+        f"; backlog left when the last create returned: {result.unfinished_at_end or 0:,}"
+    )
+    return result
+
+
+def _unfinished(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        f"SELECT count(*) FROM {TASK_TABLE} WHERE status IN ('PENDING', 'RETRYING', 'PROCESSING')"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _completed(conn: psycopg.Connection[Any]) -> int:
@@ -297,6 +353,7 @@ def run_bare(
     os.environ[bare_app.BROKER_ENV] = broker_url
     bare_app.app.conf.update(broker_url=broker_url)
     argv = [
+        *niced(),
         executable("celery"),
         "-A",
         "bench.bare_app",

@@ -231,6 +231,9 @@ QW_LOST_MESSAGE_GRACE_S = env.float("QW_LOST_MESSAGE_GRACE_S", 10.0, minimum=1.0
 QW_DISPATCH_INTERVAL_S = env.float("QW_DISPATCH_INTERVAL_S", 1.0, minimum=0.05)
 QW_SWEEP_INTERVAL_S = env.float("QW_SWEEP_INTERVAL_S", 5.0, minimum=0.1)
 QW_PUBLISH_TIMEOUT_S = env.float("QW_PUBLISH_TIMEOUT_S", 1.0, minimum=0.1, maximum=10.0)
+# Wake-ups of one type, queue, priority and delay share a message, up to this many ids
+# (1: one message per task). Single creates always send one message of their own.
+QW_MESSAGE_MAX_TASKS = env.int("QW_MESSAGE_MAX_TASKS", 100, minimum=1, maximum=500)
 QW_IDEMPOTENCY_TTL_HOURS = env.int("QW_IDEMPOTENCY_TTL_HOURS", 24, minimum=1)
 QW_THROTTLE_CREATE = env.rate("QW_THROTTLE_CREATE", None)
 QW_MAX_SCHEDULES_PER_USER = env.int("QW_MAX_SCHEDULES_PER_USER", 100, minimum=1)

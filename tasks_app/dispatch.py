@@ -7,6 +7,14 @@ broker cannot take it, the task's ``dispatched_at`` is cleared and the dispatche
 elected among every worker and beat, ``tasks_app.dispatcher``) publishes it later; a short
 circuit breaker keeps every request from paying the connect timeout while the broker is down.
 
+Wake-ups of the same type, queue, priority and delay share a message, up to
+``QW_MESSAGE_MAX_TASKS`` ids: ``{taskType, taskId, taskIds, delay, metadata}`` where ``taskId``
+is the first of ``taskIds``, ``metadata.timeout_s`` the largest time limit among them and
+``metadata.request_id`` present only when every id shares it. One message per task cost the
+worker a broker round trip and an ack per task; a group costs them once. The message's Celery
+id is its first task's, and its ``shadow`` name is the task type, so Flower lists it under the
+type. A message the broker refuses has the ``dispatched_at`` of each of its ids cleared.
+
 Publisher confirms are kept, but a batch waits for them together: a one-at-a-time confirm
 costs a broker round trip per message (~1 ms here), which capped bulk creation near 500
 messages a second. ``publish`` sends a batch on a channel in confirm mode and then drains the
@@ -64,16 +72,39 @@ def wakeup_for(task: Task, countdown: float = 0.0) -> Wakeup:
     )
 
 
-def message_kwargs(wakeup: Wakeup) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"timeout_s": wakeup.timeout_s, "queue": wakeup.queue}
-    if wakeup.request_id is not None:
-        metadata["request_id"] = wakeup.request_id
-    return {
-        "taskType": wakeup.type,
-        "taskId": wakeup.task_id,
-        "delay": wakeup.countdown,
-        "metadata": metadata,
+def group(wakeups: Sequence[Wakeup], max_tasks: int) -> list[list[Wakeup]]:
+    """Split ``wakeups`` into messages: same type, queue, priority and delay, at most
+    ``max_tasks`` ids each, in the order the wake-ups came (1 gives a message per task)."""
+    size = max(1, max_tasks)
+    open_groups: dict[tuple[str, str, int, float], list[Wakeup]] = {}
+    messages: list[list[Wakeup]] = []
+    for wakeup in wakeups:
+        key = (wakeup.type, wakeup.queue, wakeup.priority, wakeup.countdown)
+        current = open_groups.get(key)
+        if current is None or len(current) >= size:
+            current = open_groups[key] = []
+            messages.append(current)
+        current.append(wakeup)
+    return messages
+
+
+def message_kwargs(wakeups: Wakeup | Sequence[Wakeup]) -> dict[str, Any]:
+    """The message body of one wake-up, or of a group of them (see ``group``)."""
+    members = [wakeups] if isinstance(wakeups, Wakeup) else list(wakeups)
+    first = members[0]
+    metadata: dict[str, Any] = {
+        "timeout_s": max(w.timeout_s for w in members),
+        "queue": first.queue,
     }
+    request_ids = {w.request_id for w in members}
+    if len(request_ids) == 1 and first.request_id is not None:
+        metadata["request_id"] = first.request_id
+    kwargs: dict[str, Any] = {"taskType": first.type, "taskId": first.task_id}
+    if len(members) > 1:
+        kwargs["taskIds"] = [w.task_id for w in members]
+    kwargs["delay"] = first.countdown
+    kwargs["metadata"] = metadata
+    return kwargs
 
 
 def breaker_open() -> bool:
@@ -92,20 +123,25 @@ def reset_breaker() -> None:
         _broker_down_until = 0.0
 
 
-def publish(wakeups: Sequence[Wakeup]) -> int:
-    """Publish ``wakeups``; return how many the broker took. Never raises for broker errors."""
+def publish(wakeups: Sequence[Wakeup], *, max_tasks: int | None = None) -> int:
+    """Publish ``wakeups``, grouped into messages of up to ``max_tasks`` ids (default
+    ``QW_MESSAGE_MAX_TASKS``); return how many the broker took. Never raises for broker errors.
+    """
     if not wakeups:
         return 0
     if breaker_open():
         _mark_undispatched(wakeups)
         return 0
+    size = settings.QW_MESSAGE_MAX_TASKS if max_tasks is None else max_tasks
+    messages = group(wakeups, size)
+    refused: list[Sequence[Wakeup]] = []
     try:
-        if len(wakeups) > 1 and _confirms_batchable():
-            _publish_batch_confirmed(wakeups)
+        if len(messages) > 1 and _confirms_batchable():
+            refused = _publish_batch_confirmed(messages)
         else:
             with app.producer_or_acquire() as producer:
-                for wakeup in wakeups:
-                    _send(wakeup, producer)
+                for message in messages:
+                    _send(message, producer)
     except Exception:  # any broker failure has one remedy: the dispatcher publishes it later
         _trip_breaker()
         logger.warning(
@@ -114,22 +150,39 @@ def publish(wakeups: Sequence[Wakeup]) -> int:
         # Some may have reached the broker; a second message for a task is harmless.
         _mark_undispatched(wakeups)
         return 0
+    if refused:
+        left = [w for message in refused for w in message]
+        logger.warning(
+            "the broker refused %d of %d messages: %d wake-ups left to the dispatcher",
+            len(refused),
+            len(messages),
+            len(left),
+        )
+        _mark_undispatched(left)
+        return len(wakeups) - len(left)
     return len(wakeups)
 
 
-def _send(wakeup: Wakeup, producer: Any, **options: Any) -> None:
+def _send(message: Sequence[Wakeup], producer: Any, **options: Any) -> None:
+    first = message[0]
+    timeout_s = max(w.timeout_s for w in message)
+    # Celery's limits cover the whole message; a group's handlers each keep their own limit
+    # in the worker, and the message's is their sum, the longest it may rightly run.
+    limit = timeout_s if len(message) == 1 else sum(w.timeout_s for w in message)
     app.send_task(
         EXECUTE_TASK,
-        kwargs=message_kwargs(wakeup),
-        task_id=wakeup.task_id,
+        kwargs=message_kwargs(message),
+        task_id=first.task_id,
+        # Flower and the worker's events name the message after its task type.
+        shadow=first.type,
         # Named explicitly: without it Celery publishes a direct route on the default exchange.
         exchange=TASKS_EXCHANGE,
-        queue=wakeup.queue,
-        routing_key=wakeup.queue,
-        priority=wakeup.priority,
-        countdown=wakeup.countdown or None,
-        soft_time_limit=wakeup.timeout_s,
-        time_limit=wakeup.timeout_s + HARD_LIMIT_GRACE_S,
+        queue=first.queue,
+        routing_key=first.queue,
+        priority=first.priority,
+        countdown=first.countdown or None,
+        soft_time_limit=limit,
+        time_limit=limit + HARD_LIMIT_GRACE_S,
         producer=producer,
         **options,
     )
@@ -143,11 +196,14 @@ def _confirms_batchable() -> bool:
 
 
 class PublishNotConfirmed(Exception):
-    """The broker nacked a message of the batch, or did not confirm it in time."""
+    """The broker did not confirm the batch in time."""
 
 
-def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
-    """Publish on a fresh confirm-mode channel; wait once for all the broker's confirms."""
+def _publish_batch_confirmed(messages: Sequence[Sequence[Wakeup]]) -> list[Sequence[Wakeup]]:
+    """Publish on a fresh confirm-mode channel; wait once for all the broker's confirms.
+
+    Returns the messages the broker refused (nacked); raises if the confirms do not come.
+    """
     pool: Any = app.pool  # kombu's connection pool (the stubs type it as a producer pool)
     with pool.acquire(block=True) as conn:
         try:
@@ -165,8 +221,8 @@ def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
             # The channel's basic_publish waits for each confirm; publish without waiting and
             # collect the confirms below (delivery tags count from 1 on a new channel).
             channel.basic_publish = channel._basic_publish
-            unconfirmed = set(range(1, len(wakeups) + 1))
-            nacked: list[int] = []
+            unconfirmed = set(range(1, len(messages) + 1))
+            nacked: set[int] = set()
 
             def on_ack(delivery_tag: int, multiple: bool) -> None:
                 if multiple:
@@ -175,22 +231,22 @@ def _publish_batch_confirmed(wakeups: Sequence[Wakeup]) -> None:
                     unconfirmed.discard(delivery_tag)
 
             def on_nack(delivery_tag: int, multiple: bool) -> None:
-                nacked.append(delivery_tag)
+                tags = range(1, delivery_tag + 1) if multiple else (delivery_tag,)
+                nacked.update(tag for tag in tags if tag in unconfirmed)
                 on_ack(delivery_tag, multiple)
 
             channel.events["basic_ack"].add(on_ack)
             channel.events["basic_nack"].add(on_nack)
             producer = app.amqp.Producer(channel)
-            for wakeup in wakeups:
-                _send(wakeup, producer, retry=False)
-            deadline = time.monotonic() + settings.QW_PUBLISH_TIMEOUT_S + 0.01 * len(wakeups)
+            for message in messages:
+                _send(message, producer, retry=False)
+            deadline = time.monotonic() + settings.QW_PUBLISH_TIMEOUT_S + 0.01 * len(messages)
             while unconfirmed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise PublishNotConfirmed(f"{len(unconfirmed)} messages not confirmed in time")
                 conn.drain_events(timeout=left)
-            if nacked:
-                raise PublishNotConfirmed(f"the broker refused {len(nacked)} messages")
+            return [messages[tag - 1] for tag in sorted(nacked)]
         except Exception:
             conn.collect()
             raise

@@ -12,7 +12,8 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Model
 from django.utils import timezone
 
 from queueworker import logcontext
@@ -106,12 +107,14 @@ def task_create(*, owner: User, spec: TaskSpec) -> tuple[Task, bool]:
         if earlier is not None:
             return earlier, False
     task = _build(spec, owner, now)
+    log = _created_log(task, owner.get_username())
     try:
-        with transaction.atomic():
-            task.save(force_insert=True)
-            _created_log(task, owner.get_username()).save(force_insert=True)
-            if task.dispatched_at is not None:
-                dispatch.publish_on_commit([dispatch.wakeup_for(task)])
+        if not _insert_with_log(task, log):
+            with transaction.atomic():
+                task.save(force_insert=True)
+                log.save(force_insert=True)
+        if task.dispatched_at is not None:
+            dispatch.publish_on_commit([dispatch.wakeup_for(task)])
     except IntegrityError:
         if not spec.idempotency_key:
             raise
@@ -121,6 +124,48 @@ def task_create(*, owner: User, spec: TaskSpec) -> tuple[Task, bool]:
             raise
         return earlier, False
     return task, True
+
+
+def _insert_with_log(task: Task, log: TaskLog) -> bool:
+    """Insert ``task`` and its ``created`` log row in one statement, committed by itself, on
+    PostgreSQL outside a transaction; False where that does not apply (the caller then saves
+    both in a transaction). One statement is one round trip and one commit instead of three
+    round trips and a commit: under a busy database, each round trip is what a create waits on.
+    """
+    alias = router.db_for_write(Task)
+    connection = connections[alias]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return False
+    quote = connection.ops.quote_name
+    task_fields = _insertable(Task)
+    log_fields = [f for f in _insertable(TaskLog) if f.name != "task"]
+    task_values = [f.get_db_prep_save(f.pre_save(task, True), connection) for f in task_fields]
+    log.task_id = task.id
+    log_values = [f.get_db_prep_save(f.pre_save(log, True), connection) for f in log_fields]
+    # Names from the models, values bound as parameters.
+    statement = (
+        f"WITH t AS (INSERT INTO {quote(Task._meta.db_table)} "  # noqa: S608
+        f"({', '.join(quote(str(f.column)) for f in task_fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(task_fields))}) RETURNING {quote('id')}) "
+        f"INSERT INTO {quote(TaskLog._meta.db_table)} ({quote('task_id')}, "
+        f"{', '.join(quote(str(f.column)) for f in log_fields)}) "
+        f"SELECT t.{quote('id')}, {', '.join(['%s'] * len(log_fields))} FROM t"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [*task_values, *log_values])
+    for obj in (task, log):
+        obj._state.adding = False
+        obj._state.db = alias
+    return True
+
+
+def _insertable(model: type[Model]) -> list[Any]:
+    """The concrete fields an INSERT names: all but a key the database numbers itself."""
+    return [
+        f
+        for f in model._meta.concrete_fields
+        if not (f.primary_key and getattr(f, "db_returning", False))
+    ]
 
 
 def _earlier_with_key(owner: User, spec: TaskSpec, now: datetime) -> Task | None:
@@ -147,18 +192,47 @@ def _earlier_with_key(owner: User, spec: TaskSpec, now: datetime) -> Task | None
 def task_bulk_create(
     *, owner: User, specs: Sequence[TaskSpec], by: str | None = None
 ) -> list[Task]:
-    """Create all tasks in one transaction (all or none), then publish them in one batch."""
+    """Create all tasks in one transaction (all or none), then publish them in one batch.
+
+    On PostgreSQL the task rows and their ``created`` log rows are written with ``COPY``:
+    one statement each, where an ``INSERT`` of a thousand rows cost more in building its
+    SQL than in running it.
+    """
     now = timezone.now()
     tasks = [_build(spec, owner, now) for spec in specs]
     by = by or owner.get_username()
+    logs = [_created_log(t, by) for t in tasks]
     # No savepoint when nested (the coordinator): an error undoes the enclosing decision too.
     with transaction.atomic(savepoint=False):
-        Task.objects.bulk_create(tasks, batch_size=1000)
-        TaskLog.objects.bulk_create([_created_log(t, by) for t in tasks], batch_size=1000)
+        insert_rows(Task, tasks)
+        insert_rows(TaskLog, logs)
         dispatch.publish_on_commit(
             [dispatch.wakeup_for(t) for t in tasks if t.dispatched_at is not None]
         )
     return tasks
+
+
+def insert_rows(model: type[Model], objs: Sequence[Model]) -> None:
+    """Insert ``objs`` (new rows; an auto-increment key is left to the database and not read
+    back) with one ``COPY`` on PostgreSQL, ``bulk_create`` elsewhere."""
+    if not objs:
+        return
+    alias = router.db_for_write(model)
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        model._default_manager.using(alias).bulk_create(objs, batch_size=1000)
+        return
+    meta = model._meta
+    fields = _insertable(model)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields if f.column)
+    statement = f"COPY {quote(meta.db_table)} ({columns}) FROM STDIN"
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        for obj in objs:
+            copy.write_row([f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields])
+    for obj in objs:
+        obj._state.adding = False
+        obj._state.db = alias
 
 
 @dataclass(frozen=True)

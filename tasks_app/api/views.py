@@ -27,6 +27,8 @@ from tasks_app.api.serializers import (
     TaskLogOutput,
     TaskOutput,
     build_spec,
+    bulk_items,
+    validate_bulk_items,
 )
 from tasks_app.models import Task, TaskStatus
 
@@ -121,9 +123,13 @@ class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     @action(detail=False, methods=["post"])
     def bulk(self, request: Request) -> Response:
         """Create up to ``QW_BULK_MAX`` tasks in one transaction: all valid or none created."""
-        body = TaskBulkCreateInput(data=request.data, context={"request": request})
-        body.is_valid(raise_exception=True)
-        specs = [build_spec(item) for item in body.validated_data["tasks"]]
+        items = bulk_items(request.data)
+        if items is None:  # not the plain shape: the serializer says what is wrong with it
+            body = TaskBulkCreateInput(data=request.data, context={"request": request})
+            body.is_valid(raise_exception=True)
+            specs = [build_spec(item) for item in body.validated_data["tasks"]]
+        else:
+            specs = validate_bulk_items(items, request=request)
         tasks = services.task_bulk_create(owner=cast(User, request.user), specs=specs)
         return Response({"ids": [str(t.id) for t in tasks]}, status=status.HTTP_201_CREATED)
 

@@ -45,8 +45,10 @@ def _lease() -> DispatcherLease | None:
     return DispatcherLease.objects.filter(name=dispatcher.LEASE_NAME).first()
 
 
-def test_two_dispatchers_at_once_publish_each_due_task_once(empty_queues):
-    # given 600 due tasks that no message announces yet
+def test_two_dispatchers_at_once_publish_each_due_task_once(empty_queues, settings):
+    # given 600 due tasks that no message announces yet (one message per task: the queue's
+    # depth then counts publications)
+    settings.QW_MESSAGE_MAX_TASKS = 1
     owner = TaskFactory().owner
     Task.objects.all().delete()
     past = timezone.now() - timedelta(seconds=1)
@@ -79,10 +81,11 @@ def test_two_dispatchers_at_once_publish_each_due_task_once(empty_queues):
 
 
 def test_two_beats_and_a_worker_publish_delayed_tasks_once_each(api, spawn, empty_queues):
-    # given two beats and a worker (three dispatcher candidates) that consumes nothing
+    # given two beats and a worker (three dispatcher candidates) that consumes nothing, each
+    # publishing one message per task so that the queue's depth counts publications
     for _ in range(2):
-        spawn("beat", QW_DISPATCH_INTERVAL_S="0.2")
-    spawn("worker", queues="compensation", QW_DISPATCH_INTERVAL_S="0.2")
+        spawn("beat", QW_DISPATCH_INTERVAL_S="0.2", QW_MESSAGE_MAX_TASKS="1")
+    spawn("worker", queues="compensation", QW_DISPATCH_INTERVAL_S="0.2", QW_MESSAGE_MAX_TASKS="1")
 
     # when 200 tasks are delayed half a second
     bodies = [{"type": "NOOP", "delay_ms": 500} for _ in range(200)]

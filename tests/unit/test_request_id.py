@@ -164,7 +164,9 @@ def test_bulk_create_records_the_id_for_every_task(api, sent, django_capture_on_
     assert response.status_code == 201, response.content
     rows = TaskLog.objects.filter(task_id__in=response.json()["ids"], event="created")
     assert [row.data["request_id"] for row in rows] == ["bulk-7"] * 3
-    assert [m["kwargs"]["metadata"]["request_id"] for m in sent] == ["bulk-7"] * 3
+    # one message for the three (same type, queue and priority), carrying the shared id
+    assert [m["kwargs"]["metadata"]["request_id"] for m in sent] == ["bulk-7"]
+    assert sent[0]["kwargs"]["taskIds"] == response.json()["ids"]
 
 
 @pytest.mark.django_db
