@@ -30,6 +30,7 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _BLANK_AT_START = re.compile(rb"(?:(?<=\n)|^)\r?\n")
 _BLANK = re.compile(rb"(?<=\n)\r?\n")
+_MAYBE_BLANK = re.compile(rb"\n\r?\n")  # searched faster than ``in`` finds b"\n\n"
 
 
 def _record_end(buffer: bytes, start: int) -> int:
@@ -309,27 +310,29 @@ class _Block:
 
 
 def _blank_records(outside: bytes, at_record_start: bool) -> int:
-    if b"\n\n" not in outside and b"\n\r\n" not in outside:
-        if not (at_record_start and outside.startswith((b"\n", b"\r\n"))):
-            return 0
     return len((_BLANK_AT_START if at_record_start else _BLANK).findall(outside))
 
 
 def _block_records(block: bytes, odd: bool) -> tuple[int, bool]:
     """Records that end in ``block`` (which starts at a line start, inside quotes when ``odd``)
     and whether it ends inside quotes: the rule of ``_record_end``, a newline ends a record
-    when the quotes before it since the last record end are even."""
+    when the quotes before it since the last record end are even.
+
+    A few passes over the bytes at C speed (a block without blank lines, the usual case, is
+    told by one regular-expression search; quoted text only by a split on its quotes).
+    """
     newlines = block.count(b"\n")
+    blanks = _MAYBE_BLANK.search(block) is not None or block.startswith((b"\n", b"\r\n"))
     if b'"' not in block:
         if odd:
             return 0, True
-        return newlines - _blank_records(block, True), False
+        return newlines - (_blank_records(block, True) if blanks else 0), False
     parts = block.split(b'"')
     inside = b"".join(parts[0 if odd else 1 :: 2])
-    outside = b'"'.join(parts[1 if odd else 0 :: 2])
     ends = newlines - inside.count(b"\n")
-    blank = _blank_records(outside, not odd)
-    return ends - blank, odd != ((len(parts) - 1) % 2 == 1)
+    if blanks:
+        ends -= _blank_records(b'"'.join(parts[1 if odd else 0 :: 2]), not odd)
+    return ends, odd != ((len(parts) - 1) % 2 == 1)
 
 
 def _record_ends(block: bytes, odd: bool) -> Iterator[int]:
