@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks_app.data import DataError, csv_layout, iter_csv_frames, read_csv_range
+from tasks_app.data import (
+    DataError,
+    Plan,
+    csv_layout,
+    iter_csv_frames,
+    read_csv_range,
+    run_single,
+)
+from tests.unit.data._support import assert_same, round_trip
 
 
 def _serial(body: bytes, size: int) -> list[pl.DataFrame] | type[DataError]:
@@ -110,3 +119,62 @@ def test_the_batch_size_may_be_raised_once_the_rows_are_counted() -> None:
 def test_a_bad_header_fails_as_it_would_serially() -> None:
     with pytest.raises(DataError, match="duplicate column"):
         csv_layout(io.BytesIO(b"a,a\n1,2\n"), 2)
+
+
+_CSV_OPERATIONS = st.sampled_from(
+    [
+        {"op": "clean", "trim": True, "lower": ["k"], "empty_as_null": True},
+        {"op": "validate", "schema": {"properties": {"s": {"pattern": "^[a-z]"}}}},
+        {"op": "validate", "schema": {"required": ["k"]}, "on_invalid": "collect"},
+        {"op": "cast", "fields": {"k": "int"}, "on_invalid": "drop"},
+        {"op": "filter", "where": {"field": "s", "contains": "a"}},
+        {"op": "dedupe", "keys": ["k"], "keep": "first"},
+        {"op": "dedupe", "keys": ["k", "s"], "keep": "last"},
+        {"op": "sort", "by": [{"field": "s", "desc": True}]},
+        {"op": "aggregate", "group_by": ["k"], "metrics": {"n": {"count": "*"}}},
+        {"op": "limit", "n": 3},
+    ]
+)
+_cell = st.sampled_from(["", "a", "A ", "b", "1", "2", '"x\ny"', '"a,b"', " 1"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=st.lists(st.tuples(_cell, _cell, st.sampled_from(["\n", "\r\n", "\n\n"])), max_size=30),
+    operations=st.lists(_CSV_OPERATIONS, max_size=4),
+    size=st.integers(1, 7),
+    scan_bytes=st.sampled_from([8, 64, 1 << 16]),
+)
+def test_a_pipeline_over_byte_ranges_equals_one_run_over_the_whole_file(
+    lines: list[tuple[str, str, str]], operations: list[dict[str, Any]], size: int, scan_bytes: int
+) -> None:
+    body = ("k,s\n" + "".join(f"{k},{s}{end}" for k, s, end in lines)).encode()
+    whole = pl.concat(list(iter_csv_frames(io.BytesIO(body), 1 << 30)))
+    try:
+        expected = run_single(operations, whole)
+    except DataError:
+        expected = None
+    file = io.BytesIO(body)
+    layout = csv_layout(file, size, scan_bytes=scan_bytes)
+    assert layout is not None
+    assert layout.rows == whole.height
+    plan = Plan.from_operations(operations)
+    try:
+        parts = [
+            round_trip(
+                plan.run_batch(
+                    read_csv_range(
+                        file, layout.header_start, layout.header_end, r.start, r.end, r.first_row
+                    ),
+                    first_row=r.first_row,
+                )
+            )
+            for r in layout.ranges
+        ]
+        got = plan.merge(iter(parts), batches=len(parts))
+    except DataError:
+        assert expected is None
+        return
+    assert expected is not None
+    assert_same(got, expected)
+    assert got.stats["batches"] == max(1, -(-whole.height // size))
