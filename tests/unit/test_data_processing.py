@@ -841,3 +841,13 @@ def test_a_csv_with_a_quote_left_open_is_staged_in_order_and_fails_as_before(api
     assert task.failure_class == "non_retryable"
     assert "CSV" in task.error
     assert not DataBatch.objects.filter(job__task=task).exists()
+
+
+def test_a_range_that_does_not_hold_the_rows_counted_at_staging_fails_its_batch(api, chord, server):
+    server.script("/people.csv", Reply(body=QUOTED_CSV, headers={"Content-Type": "text/csv"}))
+    task = _created(api, {"source": server.url("/people.csv"), "operations": [], "batch_size": 4})
+    assert _run(task).status == "deferred"
+    DataBatch.objects.filter(job__task=task, index=1).update(rows=5)
+    assert batches.batch_run(str(task.id), 1) == "failed"
+    error = DataBatch.objects.get(job__task=task, index=1).error
+    assert error == "source: the batch's bytes hold 4 rows, 5 when it was staged"
