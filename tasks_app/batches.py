@@ -8,6 +8,11 @@
    staging. At most ``QW_DATA_MAX_BATCHES`` batches: a larger input gets a larger batch size
    (the result is the same whatever the batching). The staged bytes count against the
    owner's artifact quota while they are written.
+   A CSV file is not parsed here: a scan that counts its records (quotes kept in mind) cuts it
+   into byte ranges of ``batch_size`` records, and each batch parses its own range in its own
+   process (``DataBatch.source`` is then ``<file>#csv=<header bytes>,<range bytes>``). The rows,
+   their numbers and the stats are the ones serial staging gives. A file the scan cannot cut
+   (a quote left open, no header line) and JSON sources are staged in order as above.
 2. Fan out: a chord of ``data_batch_task`` (one per batch not yet DONE) whose callback is
    ``data_merge_task``. The attempt then ends ``Deferred``: the task stays PROCESSING.
 3. Each batch runs the row-wise part of the pipeline and writes its output; its row turns DONE
@@ -103,8 +108,13 @@ def stage(task: Task, source: sources.Source, batch_size: int) -> DataJob:
     prefix = f"{artifacts.work_prefix(task.id)}/a{task.attempt}"
     DataJob.objects.get_or_create(task=task, defaults={"batches": 0, "rows_in": 0})
     try:
-        schema, frames = _frames(task, source, batch_size)
-        batches = _write_batches(task, frames, prefix)
+        schema = None
+        ranged = _csv_ranges(task, source, batch_size, prefix)
+        if ranged is not None:
+            batches = ranged
+        else:
+            schema, frames = _frames(task, source, batch_size)
+            batches = _write_batches(task, frames, prefix)
     except Exception:
         artifacts.delete_tree(prefix)  # a hard kill leaves them to the sweep, by the DataJob
         raise
@@ -124,6 +134,72 @@ def stage(task: Task, source: sources.Source, batch_size: int) -> DataJob:
     if not won:
         artifacts.delete_tree(prefix)
     return job
+
+
+RANGE_MARK = "#csv="
+
+
+def _csv_ranges(
+    task: Task, source: sources.Source, batch_size: int, prefix: str
+) -> list[DataBatch] | None:
+    """A CSV file's batches as byte ranges of the file, each parsed by its own batch; None
+    when the file is to be staged in order instead (see ``data.csv_layout``).
+
+    The scan counts the records without parsing them, so that each range holds the rows that
+    serial staging would have put in that batch: the same ``first_row``, the same stats. A
+    downloaded file is stored once, as the batches' common input (it counts against the
+    owner's quota as staged batches do); an artifact is read where it is.
+    """
+    file = source.file
+    if file is None or source.fmt != "csv":
+        return None
+    layout = _run(
+        lambda: data.csv_layout(
+            file, batch_size, size_for=lambda rows: _capped_batch_size(task, rows, batch_size)
+        )
+    )
+    file.seek(0)
+    if layout is None:
+        return None
+    name = source.name
+    if name is None:
+        room = artifacts.quota_room(task.owner_id)
+        if room is not None and file.seek(0, 2) > room:
+            raise artifacts.QuotaExceeded(settings.QW_ARTIFACT_QUOTA_BYTES)
+        name, _ = artifacts.save(f"{prefix}/in/source.csv", file)
+    head = f"{name}{RANGE_MARK}{layout.header_start}-{layout.header_end},"
+    return [
+        DataBatch(
+            index=index,
+            first_row=part.first_row,
+            rows=part.rows,
+            source=f"{head}{part.start}-{part.end}",
+        )
+        for index, part in enumerate(layout.ranges)
+    ]
+
+
+def _read_input(batch: DataBatch) -> pl.DataFrame:
+    """A batch's input: its staged Arrow file, or its byte range of a CSV file (a
+    ``DataError`` names what is wrong with its rows)."""
+    name, _, spans = batch.source.partition(RANGE_MARK)
+    with artifacts.reading(name) as handle:
+        if not spans:
+            return pl.read_ipc(handle)
+        header, rows = spans.split(",")
+        header_start, header_end = (int(value) for value in header.split("-"))
+        start, end = (int(value) for value in rows.split("-"))
+        try:
+            frame = data.read_csv_range(
+                handle, header_start, header_end, start, end, batch.first_row
+            )
+        except (pl.exceptions.PolarsError, UnicodeDecodeError, ValueError) as exc:
+            raise data.DataError(f"source: cannot read it: {exc}") from None
+    if frame.height != batch.rows:
+        raise data.DataError(
+            f"source: the batch's bytes hold {frame.height} rows, {batch.rows} when it was staged"
+        )
+    return frame
 
 
 def _frames(task: Task, source: sources.Source, batch_size: int) -> tuple[Any, Iterable[Any]]:
@@ -251,9 +327,8 @@ def batch_run(task_id: str, index: int) -> str:
     if task.status != TaskStatus.PROCESSING or task.cancel_requested:
         return f"skipped: the task is {task.status}"
     plan = data.Plan.from_operations(task.payload.get("operations", []))
-    with artifacts.reading(batch.source) as handle:
-        frame = pl.read_ipc(handle)
     try:
+        frame = _read_input(batch)
         result = plan.run_batch(frame, first_row=batch.first_row)
     except data.DataError as exc:
         return batch_failed(task_id, index, str(exc))

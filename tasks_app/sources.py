@@ -49,12 +49,14 @@ RATIO_FREE_BYTES = 1024 * 1024  # a body that decodes to less is never judged by
 
 @dataclass
 class Source:
-    """Rows to stage: inline ``records``, or a seekable binary ``file`` in ``fmt``."""
+    """Rows to stage: inline ``records``, or a seekable binary ``file`` in ``fmt`` (``name``:
+    its name in the artifacts storage, when it is stored there already)."""
 
     description: str
     records: list[Any] | None = None
     file: IO[bytes] | None = None
     fmt: str = "json"
+    name: str | None = None
 
 
 def reference(payload: dict[str, Any]) -> dict[str, str]:
@@ -167,7 +169,12 @@ def _artifact(artifact_id: str, owner_id: Any, given: str | None) -> Iterator[So
         raise PermanentError(f"source.artifact: no artifact {artifact_id} (expired or not yours)")
     try:
         with artifacts.reading(artifact.name) as file:
-            yield Source(f"artifact {artifact.id}", file=file, fmt=given or artifact.format)
+            yield Source(
+                f"artifact {artifact.id}",
+                file=file,
+                fmt=given or artifact.format,
+                name=artifact.name,
+            )
     except FileNotFoundError:
         raise PermanentError(f"source.artifact: the file of {artifact.id} is gone") from None
 

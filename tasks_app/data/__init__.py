@@ -26,6 +26,7 @@ Public interface::
     DataError                                     # message names operations[i]…
     Schema, SchemaBuilder, infer_schema(rows), frame_from_records(rows, schema=None)
     iter_csv_frames(file_or_path, batch_size), iter_json_records(binary_file, "json"|"jsonl")
+    csv_layout(seekable_file, batch_size) → CsvLayout(ranges) | None; read_csv_range(file, …)
     write_rows(frame, binary_file, "jsonl"|"csv"|"json"), RowWriter, to_records(frame)
     Plan.from_operations(operations) → plan.run_batch(frame, first_row=…) → BatchResult
     BatchResult.write(binary_file) / BatchResult.read(binary_file)
@@ -44,7 +45,14 @@ from __future__ import annotations
 from tasks_app.data.core import DataError
 from tasks_app.data.payload import PAYLOAD_SCHEMA, operations_problems, payload_problems
 from tasks_app.data.plan import Plan, run_single
-from tasks_app.data.readers import iter_csv_frames, iter_json_records
+from tasks_app.data.readers import (
+    CsvLayout,
+    CsvRange,
+    csv_layout,
+    iter_csv_frames,
+    iter_json_records,
+    read_csv_range,
+)
 from tasks_app.data.results import BatchResult, MergeResult
 from tasks_app.data.rowwise import invalid_rows
 from tasks_app.data.schema import Schema, SchemaBuilder, frame_from_records, infer_schema
@@ -53,12 +61,15 @@ from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
 __all__ = [
     "PAYLOAD_SCHEMA",
     "BatchResult",
+    "CsvLayout",
+    "CsvRange",
     "DataError",
     "MergeResult",
     "Plan",
     "RowWriter",
     "Schema",
     "SchemaBuilder",
+    "csv_layout",
     "frame_from_records",
     "infer_schema",
     "invalid_rows",
@@ -67,6 +78,7 @@ __all__ = [
     "json_ready",
     "operations_problems",
     "payload_problems",
+    "read_csv_range",
     "run_single",
     "to_records",
     "write_rows",

@@ -188,6 +188,22 @@ def combine(
         raise _wrap(index, exc) from exc
 
 
+def combine_all(
+    parts: list[pl.DataFrame], op: dict[str, Any], index: int, following: dict[str, Any] | None
+) -> pl.DataFrame | None:
+    """``combine`` over every batch's partial at once (in batch order): the same result."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    frame = pl.concat(parts, how="diagonal_relaxed")
+    parts.clear()  # the caller's list: its frames are not held twice
+    try:
+        return partial(frame, op, index, following)
+    except pl.exceptions.PolarsError as exc:
+        raise _wrap(index, exc) from exc
+
+
 def finish(frame: pl.DataFrame, op: dict[str, Any], index: int) -> pl.DataFrame:
     try:
         return _aggregate_finish(frame, op) if op["op"] == "aggregate" else frame

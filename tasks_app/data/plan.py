@@ -200,19 +200,28 @@ class Plan:
         stats: list[dict[str, Any]] = []
         held: pl.DataFrame | None = None
         frames: list[pl.DataFrame] = []
+        # A dedupe or a whole sort keeps (nearly) every row: folding batch by batch would go
+        # over the rows held once per batch; they are gathered and gone over once instead.
+        at_once = op is not None and (
+            op["op"] == "dedupe"
+            or (op["op"] == "sort" and (self._following() or {}).get("op") != "limit")
+        )
         for part in itertools.chain([first], iterator):
             count += 1
             rows_in += part.stats["rows_in"]
             stats = _add_stats(stats, part.stats["operations"])
             sink.add(part.invalid_samples, part.invalid_frame)
-            if op is not None:
+            if op is not None and not at_once:
                 held = global_ops.combine(held, part.frame, op, self.split, self._following())
-            elif writer is not None:
+            elif writer is not None and op is None:
                 writer.write(part.frame)
             else:
                 frames.append(part.frame)
         if batches and count != batches:
             raise ValueError(f"merge got {count} batch results for {batches} batches")
+        if at_once and op is not None:
+            held = global_ops.combine_all(frames, op, self.split, self._following())
+            frames = []
         if op is not None and held is not None:
             frame = global_ops.finish(held, op, self.split)
             stats[self.split]["rows_out"] = frame.height

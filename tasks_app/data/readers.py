@@ -15,8 +15,9 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 import ijson
 import polars as pl
@@ -29,6 +30,7 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _BLANK_AT_START = re.compile(rb"(?:(?<=\n)|^)\r?\n")
 _BLANK = re.compile(rb"(?<=\n)\r?\n")
+_MAYBE_BLANK = re.compile(rb"\n\r?\n")  # searched faster than ``in`` finds b"\n\n"
 
 
 def _record_end(buffer: bytes, start: int) -> int:
@@ -153,7 +155,9 @@ def iter_csv_frames(
         yield from _frames(stream, batch_size, chunk_bytes)
 
 
-def _frames(stream: IO[bytes], batch_size: int, chunk_bytes: int) -> Iterator[pl.DataFrame]:
+def _frames(
+    stream: IO[bytes], batch_size: int, chunk_bytes: int, first_row: int = 0
+) -> Iterator[pl.DataFrame]:
     pieces = _pieces(stream, chunk_bytes)
     header: list[str] = []
     header_line = rest = b""
@@ -174,7 +178,7 @@ def _frames(stream: IO[bytes], batch_size: int, chunk_bytes: int) -> Iterator[pl
         piece = _drop_blank_lines(piece)
         if not piece.strip(b"\r\n"):
             continue
-        frame = _parse(piece, header, header_line, rows)
+        frame = _parse(piece, header, header_line, first_row + rows)
         rows += frame.height
         pending.append(frame)
         held += frame.height
@@ -266,3 +270,225 @@ class _Prefixed(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+# --- byte ranges: each batch parses its own part of a CSV file --------------------------------
+
+SCAN_BYTES = 256 * 1024  # the scan's block: only a block holding a cut is walked line by line
+
+
+@dataclass(frozen=True)
+class CsvRange:
+    """Records ``first_row`` … ``first_row + rows - 1`` of a CSV file: bytes ``start``–``end``."""
+
+    start: int
+    end: int
+    first_row: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """Where a CSV file's header and records are, cut into ranges of ``batch_size`` records.
+
+    ``header``: bytes ``header_start``–``header_end`` (past a BOM and leading blank lines).
+    """
+
+    header_start: int
+    header_end: int
+    rows: int
+    batch_size: int
+    ranges: list[CsvRange]
+
+
+@dataclass(frozen=True)
+class _Block:
+    start: int
+    end: int
+    odd: bool  # inside a quoted field at ``start``
+    records: int  # records that end in the block (blank lines are none)
+
+
+def _blank_records(outside: bytes, at_record_start: bool) -> int:
+    return len((_BLANK_AT_START if at_record_start else _BLANK).findall(outside))
+
+
+def _block_records(block: bytes, odd: bool) -> tuple[int, bool]:
+    """Records that end in ``block`` (which starts at a line start, inside quotes when ``odd``)
+    and whether it ends inside quotes: the rule of ``_record_end``, a newline ends a record
+    when the quotes before it since the last record end are even.
+
+    A few passes over the bytes at C speed (a block without blank lines, the usual case, is
+    told by one regular-expression search; quoted text only by a split on its quotes).
+    """
+    newlines = block.count(b"\n")
+    blanks = _MAYBE_BLANK.search(block) is not None or block.startswith((b"\n", b"\r\n"))
+    if b'"' not in block:
+        if odd:
+            return 0, True
+        return newlines - (_blank_records(block, True) if blanks else 0), False
+    parts = block.split(b'"')
+    inside = b"".join(parts[0 if odd else 1 :: 2])
+    ends = newlines - inside.count(b"\n")
+    if blanks:
+        ends -= _blank_records(b'"'.join(parts[1 if odd else 0 :: 2]), not odd)
+    return ends, odd != ((len(parts) - 1) % 2 == 1)
+
+
+def _record_ends(block: bytes, odd: bool) -> Iterator[int]:
+    """The offset just past each non-blank record that ends in ``block`` (see
+    ``_block_records``), one line at a time."""
+    position = 0
+    record_start = 0 if not odd else -1
+    while True:
+        newline = block.find(b"\n", position)
+        if newline < 0:
+            return
+        if block.count(b'"', position, newline) % 2:
+            odd = not odd
+        if not odd:
+            if record_start < 0 or block[record_start:newline] not in (b"", b"\r"):
+                yield newline + 1
+            record_start = newline + 1
+        position = newline + 1
+
+
+def _read_at(stream: IO[bytes], start: int, size: int) -> bytes:
+    stream.seek(start)
+    data = stream.read(size)
+    if not isinstance(data, bytes):
+        raise TypeError("a CSV source must be a binary file")
+    return data
+
+
+def csv_layout(
+    stream: IO[bytes], batch_size: int, *, size_for: Any = None, scan_bytes: int = SCAN_BYTES
+) -> CsvLayout | None:
+    """Cut a seekable CSV file into ranges of ``batch_size`` records without parsing it.
+
+    The records are the ones ``iter_csv_frames`` reads (a newline outside quotes ends one;
+    blank lines are none), so that ``read_csv_range`` over each range gives the same frames
+    as ``iter_csv_frames(stream, batch_size)``. ``size_for(rows)``, when given, may raise the
+    batch size once the records are counted. None when the file is better read whole, in
+    order: no header, a header longer than a block, or a quote left open at the end (its
+    error is the serial reader's to give).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    head = _read_at(stream, 0, scan_bytes)
+    offset = len(_BOM) if head.startswith(_BOM) else 0
+    while True:  # leading blank lines
+        if head.startswith(b"\n", offset):
+            offset += 1
+        elif head.startswith(b"\r\n", offset):
+            offset += 2
+        else:
+            break
+    if offset >= len(head):
+        return None
+    header_end = offset + _first_record_end(head[offset:])
+    if header_end > len(head) or not head[header_end - 1 : header_end] == b"\n":
+        return None  # a header alone, without its newline, or longer than a block
+    _parse_header(head[offset:header_end])  # a bad header fails here, as it would serially
+    blocks: list[_Block] = []
+    position, odd, tail = header_end, False, b""
+    while True:
+        data = _read_at(stream, position, scan_bytes)
+        while b"\n" not in data and len(data) < MAX_RECORD_BYTES:  # a line longer than a block
+            more = _read_at(stream, position + len(data), len(data))
+            if not more:
+                break
+            data += more
+        if not data:
+            break
+        cut = data.rfind(b"\n") + 1
+        if not cut:  # the last bytes, after the last newline (or a line past every limit)
+            if len(data) >= MAX_RECORD_BYTES:
+                return None
+            tail = data
+            break
+        block = data[:cut]
+        records, ends_odd = _block_records(block, odd)
+        blocks.append(_Block(position, position + len(block), odd, records))
+        position, odd = position + len(block), ends_odd
+    if odd:
+        return None
+    rows = sum(block.records for block in blocks)
+    if tail.strip():
+        rows += 1
+    size = size_for(rows) if size_for is not None else batch_size
+    return CsvLayout(
+        offset, header_end, rows, size, _ranges(stream, blocks, header_end, rows, size)
+    )
+
+
+def _ranges(
+    stream: IO[bytes], blocks: list[_Block], data_start: int, rows: int, size: int
+) -> list[CsvRange]:
+    """Ranges of ``size`` records (the last one: the rest, up to the end of the file)."""
+    cuts: list[int] = []  # the byte offset that ends each full range but the last
+    wanted = size
+    seen = 0
+    for block in blocks:
+        if wanted >= rows:
+            break
+        if seen + block.records < wanted:
+            seen += block.records
+            continue
+        data = _read_at(stream, block.start, block.end - block.start)
+        for end in _record_ends(data, block.odd):
+            seen += 1
+            if seen == wanted:
+                cuts.append(block.start + end)
+                wanted += size
+                if wanted >= rows:
+                    break
+    ranges = []
+    start = data_start
+    for index, end in enumerate([*cuts, stream.seek(0, 2)]):
+        first = index * size
+        ranges.append(CsvRange(start, end, first, min(size, rows - first)))
+        start = end
+    return ranges
+
+
+class _RangeReader(io.RawIOBase):
+    """``head``, then bytes ``start``–``end`` of ``stream``."""
+
+    def __init__(self, head: bytes, stream: IO[bytes], start: int, end: int) -> None:
+        self._head = head
+        self._stream = stream
+        self._left = end - start
+        stream.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            take = len(self._head) if size < 0 else size
+            data, self._head = self._head[:take], self._head[take:]
+            if size < 0:
+                data += self.read()
+            return data
+        if self._left <= 0:
+            return b""
+        data = self._stream.read(self._left if size < 0 else min(size, self._left))
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def read_csv_range(
+    stream: IO[bytes], header_start: int, header_end: int, start: int, end: int, first_row: int = 0
+) -> pl.DataFrame:
+    """The records of bytes ``start``–``end`` (a range of ``csv_layout``) as one frame, read
+    behind the file's header as ``iter_csv_frames`` reads them."""
+    header = _read_at(stream, header_start, header_end - header_start)
+    reader = _RangeReader(header, stream, start, end)
+    frames = list(_frames(cast(IO[bytes], reader), 1 << 62, CHUNK_BYTES, first_row))
+    return frames[0] if frames else pl.DataFrame()

@@ -715,3 +715,139 @@ def test_a_second_output_past_the_quota_takes_the_first_with_it(
     assert "artifact quota" in task.error
     assert not Artifact.objects.filter(task=task).exists()
     assert _files_under(artifact_root, task) == []
+
+
+# --- CSV staged as byte ranges -----------------------------------------------------------------
+
+QUOTED_CSV = (
+    "id,email,note\n"
+    + "".join(
+        f'{i}," User{i % 4}@Example.com ","line {i}\nsecond, ""line"""\n'
+        + ("\n" if i % 5 == 0 else "")  # blank lines are no rows
+        for i in range(23)
+    )
+    + "23,bad,last"  # no newline at the end
+)
+RANGE_PIPELINE = [
+    {
+        "op": "validate",
+        "schema": {"properties": {"email": {"pattern": "@"}}},
+        "on_invalid": "collect",
+    },
+    {"op": "clean", "trim": True, "lower": ["email"]},
+    {"op": "dedupe", "keys": ["email"], "keep": "last"},
+    {"op": "sort", "by": [{"field": "id", "desc": True}]},
+]
+
+
+def _run_batched(task: Task, chord: Chord, capture: Any) -> Task:
+    assert _run(task).status == "deferred"
+    return _run_batched_rest(task, chord, capture)
+
+
+def test_a_csv_source_is_staged_as_byte_ranges_with_the_result_of_serial_staging(
+    api, chord, server, monkeypatch, artifact_root, django_capture_on_commit_callbacks
+):
+    # given a CSV whose quoted fields hold newlines, quotes and commas, in batches of 4 rows
+    server.script("/people.csv", Reply(body=QUOTED_CSV, headers={"Content-Type": "text/csv"}))
+    payload = {"source": server.url("/people.csv"), "operations": RANGE_PIPELINE, "batch_size": 4}
+    task = _created(api, payload)
+
+    # when it is staged
+    assert _run(task).status == "deferred"
+
+    # then its batches are byte ranges of one stored copy of the file, 4 rows each
+    rows = list(DataBatch.objects.filter(job__task=task).order_by("index"))
+    assert [(b.first_row, b.rows) for b in rows] == [(i * 4, min(4, 24 - i * 4)) for i in range(6)]
+    assert all(batches.RANGE_MARK in batch.source for batch in rows)
+    assert {batch.source.partition(batches.RANGE_MARK)[0] for batch in rows} == {
+        f"work/{task.id}/a1/in/source.csv"
+    }
+    stored = [p.name for p in _files_under(artifact_root, task)]
+    assert stored == ["source.csv"]
+
+    # and, batched and merged, its result is that of serial staging (Arrow batches)
+    task = _run_batched_rest(task, chord, django_capture_on_commit_callbacks)
+    monkeypatch.setattr(batches, "_csv_ranges", lambda *args: None)
+    serial = _run_batched(_created(api, payload), chord, django_capture_on_commit_callbacks)
+    assert not any(
+        batches.RANGE_MARK in source
+        for source in DataBatch.objects.filter(job__task=serial).values_list("source", flat=True)
+    )
+    assert task.result == serial.result
+    assert task.result["stats"]["rows_in"] == 24 and task.result["stats"]["batches"] == 6
+    assert task.result["invalid_rows"][0]["row"] == 23
+    assert task.result["rows"][0]["note"] == 'line 22\nsecond, "line"'
+    assert _files_under(artifact_root, task) == []  # the copy goes with the task's work
+
+
+def test_a_csv_artifact_is_read_in_place_by_its_batches(
+    api, chord, artifact_root, django_capture_on_commit_callbacks
+):
+    # given a CSV artifact (another task's output)
+    people = [{"id": r["id"], "email": r["email"].strip(), "country": r["country"]} for r in PEOPLE]
+    first = _created(
+        api, {"records": people, "operations": [], "output": "artifact", "output_format": "csv"}
+    )
+    _run(first)
+    artifact = Artifact.objects.get(task=first)
+
+    # when a task reads it in batches of 10
+    task = _created(
+        api, {"source": {"artifact": str(artifact.id)}, "operations": PIPELINE, "batch_size": 10}
+    )
+    assert _run(task).status == "deferred"
+
+    # then the batches are ranges of the artifact's own file: nothing is copied
+    sources_ = set(DataBatch.objects.filter(job__task=task).values_list("source", flat=True))
+    assert {source.partition(batches.RANGE_MARK)[0] for source in sources_} == {artifact.name}
+    assert _files_under(artifact_root, task) == []
+    task = _run_batched_rest(task, chord, django_capture_on_commit_callbacks)
+    reference = data.run_single(PIPELINE, data.frame_from_records(_as_text(people)))
+    assert task.result["rows"] == data.to_records(reference.frame)
+    assert artifact.name in [str(p.relative_to(artifact_root)) for p in artifact_root.rglob("*")]
+
+
+def _run_batched_rest(task: Task, chord: Chord, capture: Any) -> Task:
+    for index in chord.sent[-1]:
+        assert batches.batch_run(str(task.id), index) == "done"
+    with capture(execute=True):
+        assert batches.merge_run(str(task.id), task.attempt) == "completed"
+    task.refresh_from_db()
+    return task
+
+
+def _as_text(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{key: str(value) for key, value in row.items()} for row in rows]
+
+
+def test_a_downloaded_csv_past_the_owners_quota_fails_and_leaves_nothing(
+    api, user, chord, server, settings, artifact_root
+):
+    settings.QW_ARTIFACT_QUOTA_BYTES = 4000
+    _stored(user, 3000)
+    server.script("/big.csv", Reply(body="a,b\n" + "1,2\n" * 400))
+    task = _created(api, {"source": server.url("/big.csv"), "operations": [], "batch_size": 50})
+    assert _run(task).status == "failed"
+    assert task.error == "artifact quota of 4000 bytes exceeded for this owner"
+    assert _files_under(artifact_root, task) == []
+    assert chord.sent == []
+
+
+def test_a_csv_with_a_quote_left_open_is_staged_in_order_and_fails_as_before(api, chord, server):
+    server.script("/open.csv", Reply(body='a,b\n1,"open\n' + "2,3\n" * 10))
+    task = _created(api, {"source": server.url("/open.csv"), "operations": [], "batch_size": 2})
+    assert _run(task).status == "failed"
+    assert task.failure_class == "non_retryable"
+    assert "CSV" in task.error
+    assert not DataBatch.objects.filter(job__task=task).exists()
+
+
+def test_a_range_that_does_not_hold_the_rows_counted_at_staging_fails_its_batch(api, chord, server):
+    server.script("/people.csv", Reply(body=QUOTED_CSV, headers={"Content-Type": "text/csv"}))
+    task = _created(api, {"source": server.url("/people.csv"), "operations": [], "batch_size": 4})
+    assert _run(task).status == "deferred"
+    DataBatch.objects.filter(job__task=task, index=1).update(rows=5)
+    assert batches.batch_run(str(task.id), 1) == "failed"
+    error = DataBatch.objects.get(job__task=task, index=1).error
+    assert error == "source: the batch's bytes hold 4 rows, 5 when it was staged"
