@@ -11,8 +11,8 @@ FLOWER_AUTH_FILE := $(QW_VAR_DIR)/flower-auth
 
 .PHONY: install docs run migrate test test-unit test-integration lint bench chaos soak clean
 
-# uv installs exactly the versions of uv.lock (every dependency group) into .venv; where no uv is
-# on PATH, pip puts one into a bootstrap environment of its own first.
+# uv installs exactly the versions of uv.lock into .venv: every dependency group, and the s3 extra
+# that the image has. Where no uv is on PATH, pip puts one into a bootstrap environment first.
 UV_BOOTSTRAP := .uv-bootstrap
 UV ?= $(shell command -v uv 2>/dev/null || echo $(UV_BOOTSTRAP)/bin/uv)
 
@@ -21,7 +21,7 @@ $(UV_BOOTSTRAP)/bin/uv:
 	$(UV_BOOTSTRAP)/bin/pip install --quiet 'uv>=0.9,<1'
 
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --python $(PYTHON) --quiet
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --extra s3 --python $(PYTHON) --quiet
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
