@@ -15,24 +15,37 @@
 # Run:    see compose.yaml and deploy/ (configuration comes from the environment at run time;
 #         nothing secret is baked into the image).
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Pinned to a full release, so that a rebuild gets the same interpreter and Debian base; raise it
+# on purpose (and rebuild) for a new Python patch release.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# The uv that reads uv.lock; the lock's own format needs a recent one.
+ARG UV_VERSION=0.13.9
 
-# --- build: wheels for the project and every dependency -----------------------------------------
+# --- build: wheels for the project and every dependency, at the versions of uv.lock ---------------
 FROM ${PYTHON_IMAGE} AS build
+ARG UV_VERSION
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md ./
 COPY queueworker/ queueworker/
 COPY tasks_app/ tasks_app/
 COPY workflows_app/ workflows_app/
 # Every dependency ships a wheel for linux/amd64 and linux/arm64, so no compiler is needed even
 # here; a dependency without one would be built in this stage, never in the runtime image.
 # The s3 extra (django-storages, boto3) lets artifacts live in object storage (deploy/ prod).
-RUN pip wheel --wheel-dir /wheels ".[s3]"
+# `uv export --frozen` writes the lock's versions for the service (no dependency groups: no test or
+# lint tools) with their hashes, which pip checks on download; constraints.txt, the same pins
+# without hashes, holds the runtime install to exactly those versions.
+RUN pip install "uv==${UV_VERSION}" \
+    && uv export --frozen --no-dev --extra s3 --no-emit-project -o /tmp/requirements.txt \
+    && uv export --frozen --no-dev --extra s3 --no-emit-project --no-hashes -o /tmp/constraints.txt \
+    && pip wheel --wheel-dir /wheels --require-hashes -r /tmp/requirements.txt \
+    && pip wheel --wheel-dir /wheels --no-deps ".[s3]" \
+    && cp /tmp/constraints.txt /wheels/constraints.txt
 
 # --- runtime: the wheels, the entrypoint, collected static files; no build tools -----------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -52,7 +65,7 @@ RUN groupadd --system --gid 10001 queueworker \
 
 # The wheels are mounted from the build stage for this one step: they never become a layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels "queueworker[s3]"
+    pip install --no-index --find-links=/wheels --constraint /wheels/constraints.txt "queueworker[s3]"
 
 WORKDIR /app
 COPY manage.py ./

@@ -3,21 +3,31 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha1sum | cut -c1-12)
 PYTEST_WORKERS ?= 2
 QW_VAR_DIR ?= var
 # Flower's login for `make run` when FLOWER_BASIC_AUTH is not set: made once, kept in var/.
 FLOWER_AUTH_FILE := $(QW_VAR_DIR)/flower-auth
 
-.PHONY: install run migrate test test-unit test-integration lint bench chaos soak clean
+.PHONY: install docs run migrate test test-unit test-integration lint bench chaos soak clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# uv installs exactly the versions of uv.lock into .venv: every dependency group, and the s3 extra
+# that the image has. Where no uv is on PATH, pip puts one into a bootstrap environment first.
+UV_BOOTSTRAP := .uv-bootstrap
+UV ?= $(shell command -v uv 2>/dev/null || echo $(UV_BOOTSTRAP)/bin/uv)
+
+$(UV_BOOTSTRAP)/bin/uv:
+	$(PYTHON) -m venv $(UV_BOOTSTRAP)
+	$(UV_BOOTSTRAP)/bin/pip install --quiet 'uv>=0.9,<1'
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --extra s3 --python $(PYTHON) --quiet
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 migrate: install
 	$(BIN)/python manage.py createcachetable
@@ -64,4 +74,4 @@ soak: install
 	QW_SOAK_SECONDS=$(QW_SOAK_SECONDS) $(BIN)/python -m pytest tests/chaos/test_soak.py
 
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var site .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,7 @@
-"""The README's commands work: ``make run`` on the embedded default runs the quick start."""
+"""The manual's commands work: ``make run`` on the embedded default runs the quick start.
+
+The manual is README.md and docs/ (``tests.manual``): a command is checked wherever it lives.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests import manual
+
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+MANUAL = manual.text()
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +35,15 @@ def _free_port() -> int:
 
 def _bash_blocks() -> list[str]:
     """The bash blocks not run verbatim by the quick-start test (those are checked by running)."""
-    return re.findall(r"(?<!-->\n)```bash\n(.*?)```", README, flags=re.S)
+    return re.findall(r"(?<!-->\n)```bash\n(.*?)```", MANUAL, flags=re.S)
 
 
 def _quickstart(name: str = "quickstart") -> str:
-    match = re.search(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", README, flags=re.S)
-    assert match, "README lost its quick-start block"
-    return match.group(1)
+    blocks = re.findall(rf"<!-- readme-test: {name} -->\n```bash\n(.*?)```", MANUAL, flags=re.S)
+    assert blocks, f"the manual lost its {name} block"
+    # a block shown on several pages (README.md and docs/quickstart.md) is the same everywhere
+    assert len(set(blocks)) == 1, f"the copies of the {name} block differ"
+    return blocks[0]
 
 
 def _embedded_env(tmp_path: Path, bind: str) -> dict[str, str]:
@@ -178,7 +185,7 @@ def test_every_other_readme_command_names_a_real_target_or_subcommand():
             continue  # PostgreSQL's own client, shown for the server setup
         else:
             continue
-        assert result.returncode == 0, f"README command fails: {' '.join(argv)}\n{result.stderr!r}"
+        assert result.returncode == 0, f"manual command fails: {' '.join(argv)}\n{result.stderr!r}"
         checked += 1
     assert checked >= 6
 
@@ -188,10 +195,10 @@ def test_readme_workflow_definition_example_is_valid():
 
     examples = [
         block
-        for block in re.findall(r"```json\n(.*?)```", README, flags=re.S)
+        for block in re.findall(r"```json\n(.*?)```", MANUAL, flags=re.S)
         if block.lstrip().startswith('{"start"')
     ]
-    assert examples, "README lost its workflow definition example"
+    assert examples, "the manual lost its workflow definition example"
     for example in examples:
         graph = validate(json.loads(example))
         assert graph.start in graph.steps

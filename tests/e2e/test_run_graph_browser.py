@@ -57,7 +57,7 @@ def _browser_missing() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing.append("selenium (pip install -e '.[dev]')")
+        missing.append("selenium (make install: the test dependency group)")
     if not missing:
         return None
     return f"needs {', '.join(missing)} (apt-get install chromium chromium-driver)"

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from rest_framework.test import APIClient
 
+from tests import manual
 from tests.unit._deploy import (
     COMPOSE_SECRETS,
     OVERLAYS,
@@ -290,7 +291,7 @@ def test_flower_is_reachable_only_from_operators_namespaces(overlay):
     pod = _pods(overlay)["queueworker-flower"]
     rules = _ingress_rules(overlay, pod["labels"])
     assert rules, "Flower would be unreachable even for operators"
-    readme = (ROOT / "README.md").read_text()
+    readme = manual.text()  # README.md and docs/ (docs/deployment.md)
     for rule in rules:
         peers = rule.get("from")
         assert peers, "a Flower rule without `from` lets every pod and address in"
@@ -300,7 +301,7 @@ def test_flower_is_reachable_only_from_operators_namespaces(overlay):
             # an empty (or missing) namespace selector means every namespace (or this one)
             assert selector and (selector.get("matchLabels") or selector.get("matchExpressions"))
             for label, value in selector.get("matchLabels", {}).items():
-                assert f"{label}={value}" in readme, "the README says which label to set"
+                assert f"{label}={value}" in readme, "the manual says which label to set"
         assert rule.get("ports") and port_allowed(rule["ports"], 5555, "TCP", pod["ports"])
 
 

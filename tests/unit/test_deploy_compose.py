@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests import manual
 from tests.unit._deploy import (
     COMPOSE_SECRETS,
     ROOT,
@@ -176,14 +177,13 @@ def test_secret_key_is_required_not_defaulted():
         assert value.startswith("${DJANGO_SECRET_KEY:?"), name
 
 
-def _readme_variables() -> set[str]:
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+def _documented_variables() -> set[str]:
+    """The variables of the configuration reference, docs/configuration.md."""
+    return manual.configuration_variables()
 
 
 def test_app_environment_uses_only_documented_variables():
-    documented = _readme_variables()
+    documented = _documented_variables()
     assert {"DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_SECRET_KEY"} <= documented
     for name in APP_SERVICES:
         names = set(SERVICES[name]["environment"])

@@ -86,7 +86,26 @@ def test_runtime_is_python_3_11_slim():
     froms = [a for i, a in dockerfile_instructions(DOCKERFILE) if i == "FROM"]
     for stage in froms:
         image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], stage.split()[0])
-        assert re.fullmatch(r"python:3\.11-slim(-\w+)?", image), image
+        # a full release (or a digest), never a tag that moves under a rebuild
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", image), image
+
+
+def test_image_installs_the_locked_versions():
+    # given the build stage's wheels, made from uv.lock
+    (wheel,) = [run for run in _instructions(STAGES["build"], "RUN") if "pip wheel" in run]
+    assert "uv export --frozen --no-dev" in wheel  # the lock as it is, without the tool groups
+    assert "--require-hashes" in wheel
+    assert any("uv.lock" in copy for copy in _instructions(STAGES["build"], "COPY"))
+    # then the runtime installs under the lock's pins, without an index
+    (install,) = [run for run in _instructions(RUNTIME, "RUN") if "pip install" in run]
+    assert "--constraint" in install and "/wheels/constraints.txt" in install
+    # and the uv that exports is pinned too
+    args = dict(
+        arguments.split("=", 1)
+        for instruction, arguments in dockerfile_instructions(DOCKERFILE)
+        if instruction == "ARG" and "=" in arguments
+    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["UV_VERSION"])
 
 
 def test_image_installs_the_s3_extra_that_the_overlays_storage_needs():
@@ -104,7 +123,7 @@ def test_image_installs_the_s3_extra_that_the_overlays_storage_needs():
     assert "s3" in storages.extras  # boto3
     # then the wheels include the extra, and the runtime installs it
     (wheel,) = [run for run in _instructions(STAGES["build"], "RUN") if "pip wheel" in run]
-    assert ".[s3]" in shell_words(wheel)
+    assert ".[s3]" in shell_words(wheel) and "--extra s3" in wheel
     (install,) = [run for run in _instructions(RUNTIME, "RUN") if "pip install" in run]
     assert "queueworker[s3]" in shell_words(install)
 
@@ -187,7 +206,15 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context():
         assert needed in patterns, needed
     assert not any(p.startswith("!") for p in patterns), "nothing is re-included"
     # and what the image copies is not ignored
-    copied = {"pyproject.toml", "README.md", "manage.py", "queueworker", "tasks_app", "docker"}
+    copied = {
+        "pyproject.toml",
+        "uv.lock",
+        "README.md",
+        "manage.py",
+        "queueworker",
+        "tasks_app",
+        "docker",
+    }
     assert not copied & patterns
 
 

@@ -24,10 +24,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests import manual
 from tests.unit._deploy import (
     DEPLOY,
     OVERLAYS,
-    ROOT,
     SCHEMAS,
     Resource,
     by_kind,
@@ -636,8 +636,8 @@ def test_prod_serves_https_through_its_ingress_and_trusts_the_proxy():
     assert "queueworker-flower" not in json.dumps(ingress), "Flower has no login of its own"
 
 
-def test_readme_documents_the_deploy_commands():
-    readme = (ROOT / "README.md").read_text()
+def test_manual_documents_the_deploy_commands():
+    readme = manual.text()  # README.md and docs/ (docs/deployment.md)
     for snippet in (
         "kubectl apply -k deploy/overlays/prod",
         "components/worker-hpa",
