@@ -123,7 +123,6 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.wfile = io.BytesIO()  # the client hung up: nothing left to flush
 
-
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
 
 

@@ -197,9 +197,8 @@ def test_a_body_trickled_forever_is_cut_off_at_the_tasks_timeout(server):
 def test_the_deadline_spans_every_redirect_hop(server):
     # each hop answers within the read timeout; together they outlast the task
     for index in range(4):
-        server.script(
-            f"/slowhop{index}", Reply(302, headers={"Location": f"/slowhop{index + 1}"}, delay_s=0.4)
-        )
+        hop = Reply(302, headers={"Location": f"/slowhop{index + 1}"}, delay_s=0.4)
+        server.script(f"/slowhop{index}", hop)
     started = time.monotonic()
     with pytest.raises(SoftTimeLimitExceeded):
         http_request(FakeContext(timeout_s=1), {"url": server.url("/slowhop0"), "timeout_s": 1})
