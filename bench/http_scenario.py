@@ -1,9 +1,11 @@
 """HTTP_REQUEST end to end, beside a plain ``requests.Session`` loop making the same calls.
 
-``python -m bench.http_scenario [--tasks N] [--method GET|POST] [--keep]``
+``python -m bench.http_scenario [--tasks N] [--method GET|POST] [--pool P] [--concurrency C]``
 
 1. Isolation as ``make bench`` does it (``bench.services``): the run's own vhost and database,
-   gunicorn, one worker (prefork, concurrency 2) with ``QW_HTTP_ALLOWED_HOSTS`` naming a
+   gunicorn, one worker on every queue, started as the deployment starts the http.request group
+   (``-P threads -c 32``; ``--pool prefork --concurrency 2`` is the former setup), with
+   ``QW_HTTP_ALLOWED_HOSTS`` naming a
    loopback server that answers at once (the standard library's ``ThreadingHTTPServer``,
    HTTP/1.1 keep-alive, in its own process, counting the TCP connections it accepts).
 2. ``N`` HTTP_REQUEST tasks are created through the bulk endpoint while the worker drains
@@ -12,7 +14,7 @@
    ``requests.Session``: calls/s, and the ratio of the two.
 
 Connections accepted by the server show whether the worker reused them: a new connection per
-task would count ``N``; reuse counts one per worker process.
+task would count ``N``; reuse counts one per worker process (prefork) or per thread (threads).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from bench import services
 from bench.scenarios import TASK_TABLE, Api
 from bench.services import BenchError, Isolation, Processes
 
-CONCURRENCY = 2
+# As compose.yaml and deploy/base/worker-http.yaml start the http.request group.
+POOL = "threads"
+CONCURRENCY = 32
+POOLS = ("threads", "prefork", "solo")
 WEB_WORKERS = 2
 BATCH = 1000
 TARGET = 500.0  # HTTP tasks/s end to end
@@ -78,6 +83,7 @@ class Drain:
 class HttpResult:
     tasks: int
     method: str
+    pool: str = POOL
     concurrency: int = CONCURRENCY
     http: Drain | None = None
     noop: Drain | None = None  # the same pipeline with the NOOP handler, for comparison
@@ -135,6 +141,42 @@ class ServerProcess:
             self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
+
+
+def start_worker(
+    processes: Processes,
+    broker_url: str,
+    queues: list[str],
+    run_id: str,
+    pool: str,
+    concurrency: int,
+) -> Any:
+    """``bench.services.start_worker`` with the pool named: every work queue, one process."""
+    argv = [
+        services.executable("celery"),
+        "-A",
+        "queueworker",
+        "worker",
+        "-c",
+        str(concurrency),
+        "-P",
+        pool,
+        "-n",
+        f"qw_bench_{run_id}@%h",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "WARNING",
+    ]
+    child = processes.start("worker", argv)
+    services.wait_until(
+        lambda: services.queues_consumed(broker_url, queues),
+        timeout=90,
+        what=f"the worker to consume {', '.join(queues)}",
+        interval=0.3,
+        check=child.check_alive,
+    )
+    return child
 
 
 # --- the measurements --------------------------------------------------------------------------
@@ -213,12 +255,13 @@ def run_http_scenario(
     method: str = "GET",
     timeout: float | None = None,
     noop_baseline: bool = True,
+    pool: str = POOL,
     concurrency: int = CONCURRENCY,
     keep: bool = False,
     log: Any = print,
 ) -> HttpResult:
     """Measure HTTP_REQUEST tasks end to end and the plain loop; see the module docstring."""
-    result = HttpResult(tasks=n, method=method, concurrency=concurrency)
+    result = HttpResult(tasks=n, method=method, pool=pool, concurrency=concurrency)
     timeout = timeout if timeout is not None else max(120.0, n / 20)
     iso = Isolation()
     server = ServerProcess()
@@ -231,9 +274,7 @@ def run_http_scenario(
         mode = iso.setup(processes)
         web_port = services.free_port()
         services.start_web(processes, web_port, workers=WEB_WORKERS)
-        services.start_worker(
-            processes, iso.broker_url, mode["work_queues"], iso.run_id, concurrency=concurrency
-        )
+        start_worker(processes, iso.broker_url, mode["work_queues"], iso.run_id, pool, concurrency)
         api = Api(f"http://127.0.0.1:{web_port}", mode["token"])
         payload: dict[str, Any] = {"url": server.url, "method": method}
         if method == "POST":
@@ -302,7 +343,7 @@ def render(result: HttpResult) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     title = f"HTTP bench: {result.tasks:,} {result.method} tasks"
-    lines = [f"{title}, worker concurrency {result.concurrency}"]
+    lines = [f"{title}, worker -P {result.pool} -c {result.concurrency}"]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     lines += [f"  error: {error}" for error in result.errors]
     return "\n".join(lines)
@@ -314,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=["GET", "POST"], default="GET")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--no-noop", action="store_true", help="skip the NOOP comparison")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="worker processes")
+    parser.add_argument("--pool", choices=POOLS, default=POOL, help="the worker's pool")
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help="the pool's processes or threads"
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -323,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method,
             timeout=args.timeout,
             noop_baseline=not args.no_noop,
+            pool=args.pool,
             concurrency=args.concurrency,
             keep=args.keep,
         )
@@ -334,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("\n" + render(result), flush=True)
     path = services.ROOT / "bench" / "results" / RESULT_FILE
+    path.parent.mkdir(exist_ok=True)
     path.write_text(
         json.dumps({**asdict(result), "finished_at": datetime.now(UTC).isoformat()}, indent=2)
     )

@@ -38,13 +38,40 @@ def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:
 
 @signals.worker_process_init.connect
 def _init_worker_process(**kwargs: Any) -> None:
+    _init_task_process(pool_child=current_process().name != "MainProcess")
+
+
+def _init_task_process(*, pool_child: bool) -> None:
     if not settings.QW_WORKER_SYNC_COMMIT:
         connection_created.connect(_async_commit, weak=False, dispatch_uid="qw_async_commit")
     from tasks_app import liveness
 
-    # The process that runs tasks (a prefork child, or the worker itself under -P solo) is
-    # the holder of what it claims: its heartbeat proves it alive.
-    liveness.start(pool_child=current_process().name != "MainProcess")
+    # The process that runs tasks (a prefork child, or the worker itself under -P solo or
+    # -P threads) is the holder of what it claims: its heartbeat proves it alive.
+    liveness.start(pool_child=pool_child)
+
+
+def runs_tasks_in_worker_process(pool_cls: Any) -> bool:
+    """Whether a pool runs its tasks in threads of the worker process without sending
+    ``worker_process_init`` (threads, gevent, eventlet). Prefork sends it in each child and
+    solo in the worker itself; the others never do."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+    from celery.concurrency.solo import TaskPool as SoloPool
+
+    implementation = get_implementation(pool_cls)
+    return isinstance(implementation, type) and not issubclass(
+        implementation, PreforkPool | SoloPool
+    )
+
+
+@signals.worker_init.connect
+def _init_threaded_worker(sender: Any = None, **kwargs: Any) -> None:
+    """Under -P threads the worker process is the holder of every task its threads claim:
+    its heartbeat starts before the consumer takes the first message, so that a SIGKILLed
+    worker's tasks are recovered within the lease, not the backstop."""
+    if sender is not None and runs_tasks_in_worker_process(getattr(sender, "pool_cls", None)):
+        _init_task_process(pool_child=False)
 
 
 @signals.worker_process_shutdown.connect

@@ -9,7 +9,10 @@ time limit; a live holder keeps its task however long it runs.
 
 Under prefork the holder is the pool child: a SIGKILLed child stops beating while its parent
 lives on. A child whose parent died stops beating too: its result can no longer be
-acknowledged, and the task is run again elsewhere (a late completion is fenced out).
+acknowledged, and the task is run again elsewhere (a late completion is fenced out). Under
+``-P solo`` and ``-P threads`` the worker process itself is the holder of every task it runs,
+whichever thread claimed it (``queueworker.worker_signals`` starts its heartbeat): a SIGKILL
+stops the beat and all of its tasks are recovered after one lease.
 """
 
 from __future__ import annotations

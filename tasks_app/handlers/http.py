@@ -12,8 +12,12 @@
 4. One exchange over the process's pooled session (``tasks_app.http.client``): the guard checks
    every connection, redirects are followed up to ``QW_HTTP_MAX_REDIRECTS`` (never to another
    origin while the request carries a secret; bindings checked per hop), the body is read
-   up to ``max_response_bytes``. Every request carries ``Idempotency-Key: qw-<task id>``, the
-   same on every retry, unless the payload sets its own.
+   up to ``max_response_bytes``. The task's ``timeout_s`` bounds the whole exchange (connect,
+   every read, every hop, the body), whatever the pool: under ``-P threads`` Celery has no time
+   limits, so the transport keeps the deadline and its end fails the attempt as a timeout
+   (failure class ``timeout``, as Celery's soft limit does under prefork). Every request
+   carries ``Idempotency-Key: qw-<task id>``, the same on every retry, unless the payload sets
+   its own.
 5. The outcome: an expected status → the result; ``retry_on_status``, connection errors and
    timeouts → retry (``Retry-After`` honoured, capped by the backoff maximum); anything else →
    FAILED at once with the status and a short excerpt of the body. A final outcome of a method
@@ -23,11 +27,13 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from queueworker import redaction
@@ -186,6 +192,7 @@ def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Make one HTTP request (any method, headers, params, JSON or raw body, bearer or basic
     auth) to a URL the SSRF guard allows; retry connection errors, timeouts and
     ``retry_on_status``; return ``{status_code, headers, json | text, elapsed_ms, truncated}``."""
+    deadline = time.monotonic() + ctx.timeout_s  # the task's time limit, from its start
     method = payload.get("method", "GET")
     records = method in WITH_EFFECTS
     if records and ctx.attempt > 1:
@@ -204,6 +211,7 @@ def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
         _check_bindings(bound, resolved["url"], hidden=True)
     out = _outgoing(ctx, resolved, credentials)
     out.secret_bindings = bound
+    out.deadline = deadline
     with redaction.scrubbing(credentials):
         incoming = _exchange(ctx, out)
         try:
@@ -293,6 +301,10 @@ def _exchange(ctx: Context, out: client.Outgoing) -> client.Incoming:
     try:
         http = client.session(settings.QW_HTTP_ALLOWED_HOSTS)
         return client.exchange(http, out, check_cancelled=ctx.check_cancelled)
+    except client.DeadlineExceeded:
+        # The task's own time limit: the worker records it as Celery's soft limit (retried
+        # while retries remain, then FAILED with failure class ``timeout``).
+        raise SoftTimeLimitExceeded(f"timed out after {ctx.timeout_s}s") from None
     except (DestinationRefused, secrets.SecretRefused) as exc:
         raise PermanentError(_safe(f"{where}: {exc}")) from None
     except (client.TooManyRedirects, client.BadRedirect) as exc:

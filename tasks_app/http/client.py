@@ -1,7 +1,10 @@
-"""The pooled ``requests.Session`` of a worker process, and one guarded exchange over it.
+"""The pooled ``requests.Session`` of a worker thread, and one guarded exchange over it.
 
-One session per process (made lazily after the prefork, remade if the allow-list changes):
-connections to a host are kept alive and reused by the next task. ``trust_env`` is off (no
+One session per thread of a worker process (made lazily after the prefork or when a pool
+thread first runs a task, remade if the allow-list changes): connections to a host are kept
+alive and reused by the next task on that thread, and no two threads share a connection pool
+or a ``Session`` (which is not thread-safe). Under ``-P threads -c N`` a worker keeps at most
+about N connections to a busy host. ``trust_env`` is off (no
 proxies, netrc or CA bundle from the environment) and cookies are never kept, so one task
 cannot see another's. Redirects are followed here, hop by hop, not by requests: each hop is a
 new request through the guarded transport, credentials are dropped when the origin changes,
@@ -9,12 +12,19 @@ and the chain is capped. A request that carries a ``{"$secret": NAME}`` is check
 each secret's binding before it is sent and at every hop, and never follows a redirect to
 another origin: the secret may be in its URL, headers or body, and a 307/308 would resend the
 body too. The body is streamed and cut at the cap.
+
+Time is bounded in total, not only per read: an exchange may be given a ``deadline`` (the
+task's own time limit, which Celery cannot enforce under ``-P threads``). The connect and every
+read of every hop wait at most the smaller of ``timeout_s`` and the time left, the body is read
+a piece at a time (one ``recv`` each, never "until 64 KiB arrived"), and ``DeadlineExceeded`` is
+raised once the time is up: a server that trickles bytes forever is cut off at the deadline.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +36,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from tasks_app.http import secrets
 from tasks_app.http.guard import Guard, Target, parse_allowed_hosts, parse_target
@@ -34,11 +46,17 @@ from tasks_app.http.transport import GuardedAdapter
 CHUNK_BYTES = 64 * 1024
 DRAIN_BYTES = 64 * 1024  # read of a redirect's body to keep its connection reusable
 CANCEL_CHECK_S = 1.0
+# A timeout this close to the deadline is the deadline's (a socket timeout may fire a little
+# early against the monotonic clock).
+DEADLINE_SLACK_S = 0.05
 USER_AGENT = f"QueueWorker/0.1 python-requests/{requests.__version__}"
 _BODY_HEADERS = ("Content-Type", "Content-Length", "Transfer-Encoding")
 
-_lock = threading.Lock()
-_session: tuple[int, tuple[str, ...], requests.Session] | None = None
+_local = threading.local()
+
+
+class DeadlineExceeded(requests.Timeout):
+    """The exchange used up the total time it was given (``Outgoing.deadline``)."""
 
 
 class TooManyRedirects(requests.TooManyRedirects):
@@ -67,6 +85,21 @@ class Outgoing:
     private_headers: frozenset[str] = frozenset()
     # The bindings of the secrets the request carries (anywhere: URL, headers, body).
     secret_bindings: tuple[secrets.Binding, ...] = ()
+    # ``time.monotonic()`` by which the whole exchange (every hop, the body) must be over.
+    deadline: float | None = None
+
+    def wait_s(self) -> float:
+        """How long the next connect or read may wait: ``timeout_s``, or less near the deadline.
+        Raises ``DeadlineExceeded`` when no time is left."""
+        if self.deadline is None:
+            return self.timeout_s
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"no time left of the deadline ({self.timeout_s:g}s a read)")
+        return min(self.timeout_s, left)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline - DEADLINE_SLACK_S
 
 
 @dataclass
@@ -94,18 +127,19 @@ def make_session(guard: Guard) -> requests.Session:
 
 
 def session(allowed_hosts: list[str]) -> requests.Session:
-    """This process's session (a forked child makes its own: sockets must not be shared)."""
-    global _session
-    key = tuple(allowed_hosts)
-    current = _session
-    if current is not None and current[0] == os.getpid() and current[1] == key:
-        return current[2]
-    with _lock:
-        if _session is not None and _session[0] == os.getpid():
-            _session[2].close()
-        made = make_session(Guard(allowed=parse_allowed_hosts(allowed_hosts)))
-        _session = (os.getpid(), key, made)
-        return made
+    """This thread's session (a forked child or another thread makes its own: sockets and
+    pools are never shared). It is dropped with its thread, which closes its connections."""
+    key = (os.getpid(), tuple(allowed_hosts))
+    current: tuple[tuple[int, tuple[str, ...]], requests.Session] | None = getattr(
+        _local, "session", None
+    )
+    if current is not None and current[0] == key:
+        return current[1]
+    if current is not None and current[0][0] == os.getpid():
+        current[1].close()
+    made = make_session(Guard(allowed=parse_allowed_hosts(allowed_hosts)))
+    _local.session = (key, made)
+    return made
 
 
 def exchange(
@@ -116,15 +150,16 @@ def exchange(
 ) -> Incoming:
     """Send ``out``, follow its redirects, read the body up to the cap.
 
-    Raises what requests raises (connection errors, timeouts), ``DestinationRefused`` from the
-    guard, ``SecretRefused``, ``TooManyRedirects`` or ``BadRedirect``.
+    Raises what requests raises (connection errors, timeouts), ``DeadlineExceeded``,
+    ``DestinationRefused`` from the guard, ``SecretRefused``, ``TooManyRedirects`` or
+    ``BadRedirect``.
     """
     started = time.perf_counter()
     response, hops = open_response(http, out)
     try:
-        body, truncated = _read_capped(response, out.max_bytes, check_cancelled)
+        body, truncated = _read_capped(response, out, out.max_bytes, check_cancelled)
     finally:
-        response.close()  # a fully read body returns its connection to the pool
+        response.close()  # a fully read body has returned its connection to the pool
     return Incoming(
         status_code=response.status_code,
         reason=response.reason or "",
@@ -152,10 +187,15 @@ def open_response(http: requests.Session, out: Outgoing) -> tuple[requests.Respo
         auth=out.auth,
     )
     prepared = http.prepare_request(request)
-    timeout = (out.timeout_s, out.timeout_s)
     hops = 0
     while True:
-        response = http.send(prepared, stream=True, timeout=timeout, allow_redirects=False)
+        wait = out.wait_s()
+        try:
+            response = http.send(prepared, stream=True, timeout=(wait, wait), allow_redirects=False)
+        except requests.Timeout as exc:
+            if out.past_deadline():
+                raise DeadlineExceeded(str(exc)) from exc
+            raise
         if not (out.follow_redirects and response.is_redirect):
             break
         if hops >= out.max_redirects:
@@ -165,7 +205,7 @@ def open_response(http: requests.Session, out: Outgoing) -> tuple[requests.Respo
         try:
             prepared = _next_hop(http, prepared, response, out)
         finally:
-            _release(response)
+            _release(response, out)
     return response, hops
 
 
@@ -231,26 +271,35 @@ def _origin(target: Target) -> str:
     return f"{target.scheme}://{target.host}:{target.port}"
 
 
-def _release(response: requests.Response) -> None:
+def _release(response: requests.Response, out: Outgoing) -> None:
     """Read a little of a body we do not need, so its connection can serve the next hop."""
-    read = 0
     try:
-        for chunk in response.iter_content(CHUNK_BYTES):
-            read += len(chunk)
-            if read > DRAIN_BYTES:
-                break
+        _read_capped(response, out, DRAIN_BYTES, None)
+    except DeadlineExceeded:
+        response.close()
+        raise
     except requests.RequestException:
         pass
     response.close()
 
 
 def _read_capped(
-    response: requests.Response, cap: int, check_cancelled: Callable[[], None] | None
+    response: requests.Response,
+    out: Outgoing,
+    cap: int,
+    check_cancelled: Callable[[], None] | None,
 ) -> tuple[bytes, bool]:
+    """The body, up to ``cap`` bytes (and whether it was cut). Each read takes what one
+    ``recv`` brings, waiting at most ``out.wait_s()``; a body read to its end returns the
+    connection to the pool, a cut one is closed by the caller."""
+    raw = response.raw
     chunks: list[bytes] = []
     size = 0
     next_check = time.monotonic() + CANCEL_CHECK_S
-    for chunk in response.iter_content(CHUNK_BYTES):
+    while True:
+        chunk = _read1(raw, out)
+        if not chunk:
+            break
         if size + len(chunk) > cap:
             chunks.append(chunk[: cap - size])
             return b"".join(chunks), True
@@ -259,4 +308,28 @@ def _read_capped(
         if check_cancelled is not None and time.monotonic() >= next_check:
             check_cancelled()
             next_check = time.monotonic() + CANCEL_CHECK_S
+    raw.release_conn()
     return b"".join(chunks), False
+
+
+def _read1(raw: Any, out: Outgoing) -> bytes:
+    """One read of the body, with the errors requests' ``iter_content`` would raise (a
+    timeout as ``ReadTimeout``, or ``DeadlineExceeded`` when the deadline caused it)."""
+    wait = out.wait_s()
+    connection = getattr(raw, "connection", None)
+    sock: socket.socket | None = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(wait)
+    try:
+        data: bytes = raw.read1(CHUNK_BYTES, decode_content=True)
+    except ReadTimeoutError as exc:
+        if out.past_deadline():
+            raise DeadlineExceeded(str(exc)) from exc
+        raise requests.ReadTimeout(exc) from exc
+    except ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except Urllib3SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
+    return data or b""

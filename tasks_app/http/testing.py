@@ -10,6 +10,7 @@ it: the witness that a refused destination saw no packet.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -28,6 +29,9 @@ class Reply:
     body: bytes | str | None = None
     json: Any = None
     delay_s: float = 0.0  # before the status line (a slow server: the client's read timeout)
+    # > 0: after the headers, announce a huge body and send it one byte per ``trickle_s``
+    # until the client hangs up (a server that never finishes: the task's total deadline).
+    trickle_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(reply.delay_s)
         payload = _body_of(reply, received)
         self.send_response(reply.status)
+        if reply.trickle_s:
+            self._trickle(reply.trickle_s)
+            return
         headers = {"Content-Length": str(len(payload)), **reply.headers}
         if reply.json is not None or (reply.body is None and reply.status != 204):
             headers.setdefault("Content-Type", "application/json")
@@ -101,6 +108,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+
+    def _trickle(self, every_s: float) -> None:
+        self.send_header("Content-Length", str(2**40))
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            while True:
+                time.sleep(every_s)
+                self.wfile.write(b".")
+                self.wfile.flush()
+        except OSError:
+            self.wfile = io.BytesIO()  # the client hung up: nothing left to flush
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
 

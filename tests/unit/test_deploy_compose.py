@@ -207,3 +207,12 @@ def test_operator_ports_are_published_on_localhost_only():
             assert port.startswith("127.0.0.1:"), (name, port)
     for name in ("postgres", *WORKERS, "beat", "migrate"):
         assert "ports" not in resolved["services"][name], name
+
+
+def test_the_http_worker_runs_a_thread_pool():
+    # HTTP_REQUEST waits on the network: many threads in one process, not two prefork children
+    command = SERVICES["worker-http"]["command"]
+    assert command[command.index("-P") + 1] == "threads"
+    assert int(command[command.index("-c") + 1]) >= 16
+    for name in ("worker-data", "worker-default"):
+        assert "-P" not in SERVICES[name]["command"], name  # CPU-bound: prefork

@@ -712,3 +712,13 @@ def test_renderer_merges_pod_lists_by_their_keys(tmp_path: Path):
             ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True
         )
         assert yaml.safe_load(done.stdout) == deployment
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_http_worker_runs_a_thread_pool(overlay):
+    resources = rendered(overlay)
+    args = _container(resources, "queueworker-worker-http")["args"]
+    assert args[args.index("-P") + 1] == "threads"
+    assert int(args[args.index("-c") + 1]) >= 16
+    for name in ("queueworker-worker-data", "queueworker-worker-default"):
+        assert "-P" not in _container(resources, name)["args"], name

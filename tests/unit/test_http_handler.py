@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -10,9 +12,11 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tasks_app.errors import PermanentError, RetryableError
 from tasks_app.handlers.http import http_request, recorded_response, retry_after, task_problems
+from tasks_app.http import client
 from tasks_app.http.testing import Listener, LoopbackServer, Reply
 from tasks_app.models import TaskLog
 from tasks_app.worker import TaskContext
@@ -173,9 +177,44 @@ def test_read_timeout_and_connection_errors_are_retryable(server, ctx, settings)
 
 
 def test_timeout_never_exceeds_the_tasks_own(server):
+    # the read waits for the task's 1 s, not the payload's 60: the task's own time limit
     server.script("/slow", Reply(delay_s=1.5))
-    with pytest.raises(RetryableError, match=r"read timeout after 1s"):
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded, match=r"timed out after 1s"):
         http_request(FakeContext(timeout_s=1), {"url": server.url("/slow"), "timeout_s": 60})
+    assert time.monotonic() - started < 1.4
+
+
+def test_a_body_trickled_forever_is_cut_off_at_the_tasks_timeout(server):
+    # every byte arrives well within the read timeout, but the body never ends
+    server.script("/trickle", Reply(trickle_s=0.1))
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded, match=r"timed out after 1s"):
+        http_request(FakeContext(timeout_s=1), {"url": server.url("/trickle"), "timeout_s": 1})
+    assert 0.9 < time.monotonic() - started < 1.5
+
+
+def test_the_deadline_spans_every_redirect_hop(server):
+    # each hop answers within the read timeout; together they outlast the task
+    for index in range(4):
+        hop = Reply(302, headers={"Location": f"/slowhop{index + 1}"}, delay_s=0.4)
+        server.script(f"/slowhop{index}", hop)
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded):
+        http_request(FakeContext(timeout_s=1), {"url": server.url("/slowhop0"), "timeout_s": 1})
+    assert time.monotonic() - started < 1.5
+
+
+def test_each_thread_has_its_own_session_and_keeps_it():
+    hosts = ["127.0.0.1:1"]
+    mine = client.session(hosts)
+    assert client.session(hosts) is mine
+    theirs: list[Any] = []
+    thread = threading.Thread(target=lambda: theirs.append(client.session(hosts)))
+    thread.start()
+    thread.join()
+    assert theirs and theirs[0] is not mine
+    assert client.session(["127.0.0.1:2"]) is not mine  # a new allow-list, a new session
 
 
 # --- redirects ---------------------------------------------------------------------------------
