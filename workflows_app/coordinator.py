@@ -100,9 +100,25 @@ def lock_run(run_id: Any) -> WorkflowRun:
     return WorkflowRun.objects.select_for_update().select_related("owner").get(pk=run_id)
 
 
+#: The columns a decision reads of a run's tasks: not the payloads (possibly large, never
+#: needed) nor the bookkeeping of attempts; any other field is loaded if a caller touches it.
+DECISION_FIELDS = (
+    "id",
+    "type",
+    "status",
+    "step",
+    "result",
+    "error",
+    "parent_id",
+    "workflow_run_id",
+    "created_at",
+    "finished_at",
+)
+
+
 def run_tasks(run: WorkflowRun) -> list[Task]:
-    """The run's tasks, without their payloads (never needed to decide; possibly large)."""
-    return list(Task.objects.filter(workflow_run=run).defer("payload").order_by("created_at"))
+    """The run's tasks, with the columns a decision reads (``DECISION_FIELDS``)."""
+    return list(Task.objects.filter(workflow_run=run).only(*DECISION_FIELDS).order_by("created_at"))
 
 
 def locked_run(run_id: Any) -> tuple[WorkflowRun, list[Task]]:
@@ -363,7 +379,7 @@ def tasks_finished(
         if missing:
             locked.update(lock_runs(missing))
         current: dict[Any, list[Task]] = {run_id: [] for run_id in by_run}
-        rows = Task.objects.filter(workflow_run_id__in=list(by_run)).defer("payload")
+        rows = Task.objects.filter(workflow_run_id__in=list(by_run)).only(*DECISION_FIELDS)
         for row in rows.order_by("created_at"):
             current[row.workflow_run_id].append(row)
         finished_ids = {t.pk for t in tasks}
