@@ -91,9 +91,7 @@ def start_compensation(
     except refs.RefError as exc:
         error = str(exc)
         undo = compensation_spec(task, spec, ctx, workflow_run_id=run.id, resolve_refs=False)
-    (created,) = task_services.task_bulk_create(
-        owner=run.owner, specs=[undo], by=f"workflow run {run.id}"
-    )
+    (created,) = coordinator.create_tasks(run.owner, [undo], by=f"workflow run {run.id}")
     if error is not None:
         coordinator.fail_unstarted(created, error)
         advance(run, graph, coordinator.run_tasks(run))
