@@ -30,6 +30,8 @@ BATCH_SIZE = 10  # four batches a pipeline: a chord of four batch tasks and a me
 ROUNDS = scaled(4, minimum=2)
 # Each round brings a wave of pipelines and of ordinary tasks (the filler) that keep the pool
 # busy for about FILLER_S: the batches queue behind them, so the kills find pipelines in flight.
+# The filler is created one task at a time: a bulk would group it into one multi-id message
+# that a single pool process runs in turn, leaving the others free for the batches.
 FILLER = 40
 FILLER_S = 4.0
 TIMEOUT_S = 10  # the lease of a deferred pipeline covers its batches' wait in the queues
@@ -59,7 +61,7 @@ def test_data_pipelines_survive_sigkills_with_exact_results(api, spawn):
         inputs.update(zip(ids, wave, strict=True))
         accepted += ids
         filler = [workload.noop_task(ms) for ms in workload.sleeps(FILLER, 0, filler_ms)]
-        accepted += workload.submit_bulk(api, filler)
+        accepted += workload.submit_each(api, filler)
         harness.kill_round(workers, spawn, rng, kills, in_flight, "DATA_PROCESSING")
 
     # then every pipeline completes once, with exactly the output of its input

@@ -165,6 +165,17 @@ def submit_bulk(client: Any, bodies: list[dict[str, Any]], batch: int = 500) -> 
     return ids
 
 
+def submit_each(client: Any, bodies: list[dict[str, Any]]) -> list[str]:
+    """Create tasks one by one through ``POST /api/tasks/``: one message each, so they spread
+    over every pool process (a bulk create groups its ids into a few multi-id messages)."""
+    ids: list[str] = []
+    for body in bodies:
+        response = client.post("/api/tasks/", body, format="json")
+        assert response.status_code == 201, response.content[:2000]
+        ids.append(str(response.json()["id"]))
+    return ids
+
+
 def create_workflow(client: Any, name: str, definition: dict[str, Any]) -> str:
     response = client.post(
         "/api/workflows/", {"name": name, "definition": definition}, format="json"
