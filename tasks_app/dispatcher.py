@@ -133,8 +133,7 @@ class Dispatcher:
             self._failing_since = None
 
     def _pass(self, now: float) -> None:
-        from tasks_app import artifacts, recovery
-        from workflows_app.recovery import reconcile_runs
+        from tasks_app import artifacts, hooks, recovery
 
         db_time = liveness.db_now()
         if self._healthy_since is None:
@@ -153,7 +152,7 @@ class Dispatcher:
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval
             recovery.expire_leases(healthy_since=self._healthy_since)
-            reconcile_runs()
+            hooks.reconcile()  # the apps' own repairs (runs left undecided)
             artifacts.expire()
             recovery.forget_heartbeats()
         record_run(self.identity)

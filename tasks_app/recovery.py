@@ -30,7 +30,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 
 from queueworker import broker
-from tasks_app import dispatch, liveness, state
+from tasks_app import dispatch, hooks, liveness, state
 from tasks_app.models import (
     WAITING_STATUSES,
     LogLevel,
@@ -184,18 +184,16 @@ def expire_leases(
         retry = task.retries < task.max_retries
         delay = retry_delay(task) if retry else 0.0
         with transaction.atomic():
-            run = None
-            if task.workflow_run_id is not None and not retry:
-                from workflows_app import coordinator
-
-                run = coordinator.lock_run(task.workflow_run_id)  # run row first, then task's
+            # A retry is no terminal transition: only a final expiry concerns the observers,
+            # whose locks come first, then the task's row.
+            terminal = None if retry else hooks.Terminal(task)
             expired_task = state.expire_lease(
                 task, retry=retry, delay_s=delay, now=now, stale_before=stale_before
             )
             if expired_task is not None:
                 count += 1
-                if run is not None:
-                    coordinator.task_finished(expired_task, run=run)
+                if terminal is not None:
+                    terminal.finished(expired_task)
     if count:
         logger.warning("%d tasks lost their worker", count)
     return count

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from queueworker import logcontext
 from queueworker.errors import Conflict, InvalidTransition
-from tasks_app import dispatch, state
+from tasks_app import dispatch, hooks, state
 from tasks_app.models import Task, TaskLog, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -243,14 +243,10 @@ class CancelResult:
 
 def task_cancel(*, task: Task, by: str) -> CancelResult:
     with transaction.atomic():
-        run = None
-        if task.workflow_run_id is not None:
-            from workflows_app import coordinator
-
-            run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+        terminal = hooks.Terminal(task)  # the observers' locks first, then the task's row
         cancelled = state.cancel(task.id, by=by)
-        if cancelled is not None and run is not None:
-            coordinator.task_finished(cancelled, run=run)
+        if cancelled is not None:
+            terminal.finished(cancelled)
     if cancelled is not None:
         return CancelResult(cancelled, requested=False)
     if state.request_cancel(task.id, by=by):

@@ -35,7 +35,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections, transaction
 
 from queueworker import logcontext
-from tasks_app import dispatch, liveness, state
+from tasks_app import dispatch, hooks, liveness, state
 from tasks_app.backoff import backoff_delay
 from tasks_app.errors import Deferred, PermanentError, RetryableError, TaskCancelled
 from tasks_app.handlers.registry import registry  # the package registers the built-ins
@@ -251,18 +251,17 @@ def _contains_nul(value: Any) -> bool:
 
 
 def _finishing(task: Task, transition: Callable[[], bool]) -> bool:
-    """Apply a terminal transition; for a workflow's task, let the coordinator decide what
-    follows in the same transaction, so that the decision can never be lost."""
-    if task.workflow_run_id is None:
+    """Apply a terminal transition; where an observer follows it (a workflow's task), let it
+    decide what follows in the same transaction, so that the decision can never be lost."""
+    if not hooks.observed(task):
         return _durably(transition)
-    from workflows_app import coordinator
 
     def in_transaction() -> bool:
         with transaction.atomic():
-            run = coordinator.lock_run(task.workflow_run_id)  # run row first, then the task's
+            terminal = hooks.Terminal(task)  # the observers' locks first, then the task's row
             done = transition()
             if done:
-                coordinator.task_finished(task, run=run)
+                terminal.finished(task)
             return done
 
     return _durably(in_transaction)

@@ -416,3 +416,18 @@ def _compensated_log(finished: Task, run_id: Any) -> TaskLog:
         message=f"undone by compensation task {finished.id}",
         data={"compensation": str(finished.id), "workflow_run": str(run_id)},
     )
+
+
+class RunObserver:
+    """Follows the terminal transitions of a run's tasks for the engine (``tasks_app.hooks``):
+    the run's row is locked before the task's, and the run decided in the outcome's
+    transaction."""
+
+    def observes(self, task: Task) -> bool:
+        return task.workflow_run_id is not None
+
+    def lock(self, task: Task) -> WorkflowRun:
+        return lock_run(task.workflow_run_id)
+
+    def finished(self, task: Task, held: WorkflowRun) -> None:
+        task_finished(task, run=held)

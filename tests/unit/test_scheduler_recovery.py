@@ -69,7 +69,7 @@ def test_a_failing_pass_logs_once_then_every_interval_then_its_recovery(loop, mo
     monkeypatch.setattr(recovery, "expire_leases", lambda **kwargs: 0)
     monkeypatch.setattr(recovery, "dispatch_due", lambda: 0)
     monkeypatch.setattr(recovery, "forget_heartbeats", lambda: 0)
-    monkeypatch.setattr("workflows_app.recovery.reconcile_runs", lambda: 0)
+    monkeypatch.setattr("tasks_app.hooks.reconcile", lambda: None)
     monkeypatch.setattr("tasks_app.artifacts.expire", lambda: 0)
     candidate.run_once()
     assert "works again after 65 s" in caplog.records[-1].getMessage()
@@ -81,7 +81,7 @@ def test_a_database_failure_restarts_the_sweeps_healthy_window(loop, monkeypatch
     monkeypatch.setattr(recovery, "expire_leases", lambda **kw: seen.append(kw["healthy_since"]))
     monkeypatch.setattr(recovery, "dispatch_due", lambda: 0)
     monkeypatch.setattr(recovery, "forget_heartbeats", lambda: 0)
-    monkeypatch.setattr("workflows_app.recovery.reconcile_runs", lambda: 0)
+    monkeypatch.setattr("tasks_app.hooks.reconcile", lambda: None)
     monkeypatch.setattr("tasks_app.artifacts.expire", lambda: 0)
     candidate.run_once()
     clock.now += 2.0
