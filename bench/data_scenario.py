@@ -34,8 +34,9 @@ What is measured, and how:
      attempt, without a chord).
 
    Each mode creates ``R`` DATA_PROCESSING tasks one after another with ``POST /api/tasks/``
-   (source: the CSV's URL; operations: validate → clean → cast → dedupe → aggregate in DESIGN
-   §8's shapes; ``max_retries`` 0, so that a failure shows instead of being retried) and polls
+   (source: the CSV's URL; operations: validate → clean → cast → dedupe → aggregate as
+   docs/task-types.md shapes them; ``max_retries`` 0, so that a failure shows instead of being
+   retried) and polls
    the database until each is terminal. A task's time is its ``finished_at`` − the moment
    before its POST (one machine, one clock): create, download, staging in Arrow batches, the
    batches and the merge. The mode's seconds are the median over its ``R`` tasks; rows/s is

@@ -494,7 +494,7 @@ def start_worker(
     concurrency: int = 2,
     name: str = "worker",
 ) -> Child:
-    """``celery -A queueworker worker`` without ``-Q``: every work queue (DESIGN §5).
+    """``celery -A queueworker worker`` without ``-Q``: every work queue (docs/architecture.md).
 
     ``name`` names the child and its log (``<log dir>/<name>.log``)."""
     argv = [

@@ -1,4 +1,4 @@
-"""Health endpoints (DESIGN §7): open to all, bounded in time, 503 naming the failing check.
+"""Health endpoints (docs/api.md): open to all, bounded in time, 503 naming the failing check.
 
 The checks of one request run concurrently under one deadline (``QW_HEALTH_TIMEOUT_S``), so
 the answer comes within it even when a dependency hangs; a check still running then is

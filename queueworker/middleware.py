@@ -1,4 +1,4 @@
-"""Request ids, and the request body limit answered as JSON 413 before parsing (DESIGN §7).
+"""Request ids, and the request body limit answered as JSON 413 before parsing (docs/api.md).
 
 ``RequestIdMiddleware`` gives every request an id: the caller's ``X-Request-ID`` when it is
 1–128 characters of ``[A-Za-z0-9._-]``, else a new one (uuid4 hex). It is bound to the request's

@@ -1,4 +1,4 @@
-"""QueueWorker settings, read from the environment (DESIGN §10; every name is in the README).
+"""QueueWorker settings, read from the environment (every name is in docs/configuration.md).
 
 With nothing set, the service runs on an embedded default that needs no server: SQLite in WAL
 mode and kombu's ``filesystem://`` transport under ``var/``. ``DATABASE_URL`` and
@@ -18,7 +18,6 @@ from kombu.utils.url import maybe_sanitize_url
 
 from queueworker import messaging
 from queueworker.config import Env, local_secret_key
-from tasks_app.http import guard as http_guard
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = Env()
@@ -258,7 +257,7 @@ QW_RABBITMQ_MANAGEMENT_URL = env.str("QW_RABBITMQ_MANAGEMENT_URL", "")
 QW_HEALTH_TIMEOUT_S = env.float("QW_HEALTH_TIMEOUT_S", 2.5, minimum=0.1, maximum=10.0)
 # A process answers /api/health/… from its last run of the checks for this long (0: every time).
 QW_HEALTH_CACHE_S = env.float("QW_HEALTH_CACHE_S", 2.0, minimum=0.0, maximum=60.0)
-# /metrics needs "Authorization: Bearer <token>" when set; open when empty (DESIGN §7).
+# /metrics needs "Authorization: Bearer <token>" when set; open when empty (docs/api.md).
 QW_METRICS_TOKEN = env.str("QW_METRICS_TOKEN", "")
 QW_HANDLER_MODULES = env.list("QW_HANDLER_MODULES", [])
 QW_TYPE_ROUTES = messaging.parse_type_routes(env.list("QW_TYPE_ROUTES", []))
@@ -270,13 +269,10 @@ if QW_MAX_TIMEOUT_S + QW_LEASE_SECONDS >= 1800:
 if QW_DEFAULT_TIMEOUT_S > QW_MAX_TIMEOUT_S:
     raise ImproperlyConfigured("QW_DEFAULT_TIMEOUT_S must not exceed QW_MAX_TIMEOUT_S")
 
-# HTTP_REQUEST (README "HTTP_REQUEST: calling URLs safely"): destinations the SSRF guard lets
-# through although private or loopback, as host or host:port. Empty: only public addresses.
+# HTTP_REQUEST (docs/task-types.md): destinations the SSRF guard lets through although
+# private or loopback, as host or host:port. Empty: only public addresses.
+# Parsed by the HTTP guard when the tasks app is ready: a malformed entry stops every process.
 QW_HTTP_ALLOWED_HOSTS = env.list("QW_HTTP_ALLOWED_HOSTS", [])
-try:
-    http_guard.parse_allowed_hosts(QW_HTTP_ALLOWED_HOSTS)
-except ValueError as exc:
-    raise ImproperlyConfigured(f"QW_HTTP_ALLOWED_HOSTS: {exc}") from None
 QW_HTTP_TIMEOUT_S = env.float("QW_HTTP_TIMEOUT_S", 30.0, minimum=0.001)
 QW_HTTP_MAX_TIMEOUT_S = env.float("QW_HTTP_MAX_TIMEOUT_S", 300.0, minimum=0.001)
 QW_HTTP_RESPONSE_BYTES = env.int("QW_HTTP_RESPONSE_BYTES", 1024 * 1024, minimum=0)
@@ -389,7 +385,7 @@ CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("QW_WORKER_SEND_EVENTS", False)
 CELERY_BEAT_SCHEDULER = "tasks_app.scheduler:QueueWorkerScheduler"
 # Celery's Django fixup closes the database connection around every task unless told to reuse
-# it; reopening a PostgreSQL session per task costs more than the task (see PERFORMANCE.md).
+# it; reopening a PostgreSQL session per task costs more than the task (docs/performance.md).
 CELERY_DB_REUSE_MAX = env.int("QW_DB_REUSE_MAX", 100_000, minimum=0)
 CELERY_WORKER_CONCURRENCY = env.int("QW_WORKER_CONCURRENCY", 1 if IS_EMBEDDED_BROKER else 2)
 

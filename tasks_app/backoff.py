@@ -1,4 +1,4 @@
-"""Exponential backoff with full jitter and a cap (DESIGN §4)."""
+"""Exponential backoff with full jitter and a cap (docs/concepts.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DATA_PROCESSING in batches: stage the input, fan out as a Celery chord, merge (DESIGN §8).
+"""DATA_PROCESSING in batches: stage the input, fan out as a Celery chord, merge.
 
 1. Stage (the task's own attempt): stream the source and write it as batches of
    ``batch_size`` rows (Arrow IPC files in the artifacts storage), one ``DataBatch`` row each,
@@ -420,7 +420,7 @@ def cleanup(task_id: Any) -> None:
 def finish_merge(
     task: Task, payload: dict[str, Any], plan: Any, parts: Iterable[Any], *, batches: int
 ) -> dict[str, Any]:
-    """Merge the batch results into ``{stats, invalid_samples, rows | artifact}`` (DESIGN §8),
+    """Merge the batch results into ``{stats, invalid_samples, rows | artifact}``,
     plus ``invalid_rows`` or ``invalid_artifact`` for ``on_invalid: collect``.
 
     The merge writes its rows to a temporary file, never to a list in memory: an inline result

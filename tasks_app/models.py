@@ -69,7 +69,7 @@ class Task(models.Model):
         on_delete=models.CASCADE,
         related_name="tasks",
     )
-    step = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001  # DESIGN §3
+    step = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001  # docs/concepts.md
     schedule = models.ForeignKey(
         "workflows_app.Schedule",
         null=True,

@@ -150,7 +150,7 @@ def data_batch_task(self: CeleryTask, task_id: str, index: int) -> str:
     name="tasks_app.data_merge", queue=DATA_QUEUE, bind=True, max_retries=MERGE_WAITS
 )
 def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
-    """The chord's callback: merge the batches and finish the task (DESIGN §8)."""
+    """The chord's callback: merge the batches and finish the task (docs/task-types.md)."""
     with logcontext.bind(task_id=task_id):
         try:
             outcome = batches.merge_run(task_id, attempt)

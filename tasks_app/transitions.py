@@ -1,4 +1,4 @@
-"""The one table of allowed task status changes (DESIGN §4).
+"""The one table of allowed task status changes (docs/concepts.md).
 
 Every status change goes through ``tasks_app.state``, which looks its transition up here and
 turns it into a guarded ``UPDATE … WHERE status IN (from)``; transitions taken by a worker also

@@ -1,4 +1,4 @@
-"""The saga's undo (DESIGN §9): plan and run the compensations of a failed or cancelled run.
+"""The saga's undo (docs/workflows.md): plan and run the compensations of a failed or cancelled run.
 
 Called by the coordinator with the run locked, any number of times; each call moves the
 undo one step further from what the run's tasks say now:

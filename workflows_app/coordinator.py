@@ -1,4 +1,4 @@
-"""The workflow coordinator: decides what happens next from persisted state (DESIGN §9).
+"""The workflow coordinator: decides what happens next from persisted state (docs/workflows.md).
 
 It is called in the transaction that records a step's outcome (the worker pipeline, the lease
 sweep, a cancel), locks the run row, and reads the run's tasks: so a next step, a join, or a

@@ -1,4 +1,4 @@
-"""Five-field cron expressions and their next fire time in a local timezone (DESIGN §11).
+"""Five-field cron expressions and their next fire time in a local timezone (docs/schedules.md).
 
 ``next_fire`` walks local days and minutes itself instead of relying on celery's ``crontab``
 (django-celery-beat issues #134 and #604): a local time that does not exist (spring forward)

@@ -1,4 +1,5 @@
-"""Workflow definitions (DESIGN §9): normalisation and validation, each problem with its path.
+"""Workflow definitions (docs/workflows.md): normalisation and validation, each problem with
+its path.
 
 Canonical form::
 

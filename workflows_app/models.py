@@ -109,7 +109,7 @@ class Overlap(models.TextChoices):
 
 
 class Schedule(models.Model):
-    """A schedule of the owner's (DESIGN §11): what to create on each fire, and the overlap
+    """A schedule of the owner's (docs/schedules.md): what to create on each fire, and the overlap
     rule; its timing lives in django-celery-beat's ``PeriodicTask`` (one to one)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

@@ -1,4 +1,4 @@
-"""Schedules (DESIGN §11): writes, the fire, and the slot and cron schedule beat uses.
+"""Schedules (docs/schedules.md): writes, the fire, and the slot and cron schedule beat uses.
 
 Timing is stored in django-celery-beat's models (``PeriodicTask`` with a ``CrontabSchedule``,
 ``IntervalSchedule`` or one-off ``ClockedSchedule``) so its admin pages show and edit it; a

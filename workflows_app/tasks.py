@@ -1,4 +1,4 @@
-"""Celery tasks of workflows_app: the schedule fire beat sends (DESIGN §11)."""
+"""Celery tasks of workflows_app: the schedule fire beat sends (docs/schedules.md)."""
 
 from __future__ import annotations
 

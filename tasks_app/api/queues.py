@@ -1,4 +1,4 @@
-"""Dead letters (DESIGN §5, §7): FAILED tasks with their failure class, and their redrive."""
+"""Dead letters (docs/api.md): FAILED tasks with their failure class, and their redrive."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The operations' shapes (DESIGN §8) and the checks their JSON Schemas cannot express.
+"""The operations' shapes (docs/task-types.md) and the checks their JSON Schemas cannot express.
 
 A ``validate`` schema must be a valid Draft 2020-12 schema whose regular expressions
 (``pattern``, ``patternProperties`` keys) the linear-time engine that runs them accepts (a

@@ -102,7 +102,7 @@ class MergeResult:
     invalid_frame: pl.DataFrame | None = None
 
     def as_result(self) -> dict[str, Any]:
-        """The inline task result of DESIGN §8: stats, invalid samples and rows.
+        """The inline task result of docs/task-types.md: stats, invalid samples and rows.
 
         With ``on_invalid: collect`` it has ``invalid_rows`` too.
         """

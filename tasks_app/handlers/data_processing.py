@@ -1,4 +1,4 @@
-"""``DATA_PROCESSING``: a declarative pipeline over rows, in parallel batches (DESIGN §8).
+"""``DATA_PROCESSING``: a declarative pipeline over rows, in parallel batches (docs/task-types.md).
 
 The payload names its rows (inline ``records`` or a ``source``: a URL, an artifact, another
 task's result) and an ordered list of ``operations``. It is checked at create, each problem

@@ -1,4 +1,4 @@
-"""``NOOP``: the built-in type for smoke tests, demos and benchmarks (DESIGN §3)."""
+"""``NOOP``: the built-in type for smoke tests, demos and benchmarks (docs/concepts.md)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class HandlerSpec:
     # Checks against the creating user (called with the payload and the user).
     owner_validator: OwnerValidator | None = None
     # A payload that is a whole document (a data pipeline): its errors are reported as one
-    # list of "json.path: message" strings, as for a workflow definition (DESIGN §7).
+    # list of "json.path: message" strings, as for a workflow definition (docs/api.md).
     document: bool = False
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 

@@ -1,4 +1,4 @@
-"""The reliability invariants of DESIGN §6, checked over everything in the test's database.
+"""The reliability invariants (docs/reliability.md), checked over the test's whole database.
 
 Used after every fault and by the soak::
 

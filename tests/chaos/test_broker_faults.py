@@ -1,5 +1,5 @@
 """Fault 2: RabbitMQ connections closed under load, and RabbitMQ unreachable while the API
-keeps accepting work (a real gunicorn process; DESIGN §6.1: 201 within 2 s, delivered later).
+keeps accepting work (a real gunicorn process: 201 within 2 s, delivered later).
 
 Connections are closed with ``rabbitmqctl close_all_connections --vhost <this session's>``;
 the outage is a proxy between every service process and RabbitMQ, switched off.
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 TASKS = scaled(1000, minimum=100)
 RUNS = scaled(20, minimum=3)
 CLOSES = scaled(4, minimum=2)
-CREATE_BUDGET_S = 2.0  # DESIGN §6.1
+CREATE_BUDGET_S = 2.0  # docs/reliability.md
 WINDOW_S = 120 + TASKS / 25
 
 

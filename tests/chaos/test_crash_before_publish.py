@@ -1,4 +1,4 @@
-"""Fault 6: the API process commits, then dies before it publishes (DESIGN §6.1).
+"""Fault 6: the API process commits, then dies before it publishes (docs/reliability.md).
 
 A real process runs the API (``manage.py shell``, DRF's test client) with the publish step
 replaced by a SIGKILL of itself: the rows are committed, no message ever leaves. The recovery

@@ -1,7 +1,7 @@
 """The work the suite submits (no-op, HTTP and data tasks, workflow definitions) and the
 helpers that submit it through the API.
 
-``data_task`` is the hook for data work: it submits ``DATA_PROCESSING`` (DESIGN §8) when that
+``data_task`` is the hook for data work: it submits ``DATA_PROCESSING`` when that
 type is registered, and a labelled ``NOOP`` stand-in of the same weight otherwise, so the mix
 keeps its shape while the type is being built. ``DATA_WORK`` says which one a run used.
 """

@@ -61,7 +61,7 @@ def test_publish_delivers_every_wakeup_with_ids_only(drain, count):
         assert set(kwargs) == {"taskType", "taskId", "delay", "metadata"}
         assert kwargs["taskType"] == "COMPENSATION" and kwargs["delay"] == 0
         assert message["headers"]["task"] == dispatch.EXECUTE_TASK
-        assert message["exchange"] == "tasks"  # DESIGN §5: the one direct exchange
+        assert message["exchange"] == "tasks"  # docs/architecture.md: the one direct exchange
         assert message["headers"]["timelimit"] == [30 + dispatch.HARD_LIMIT_GRACE_S, 30]
 
 

@@ -1,4 +1,4 @@
-"""Nothing accepted is lost: dead workers, lost messages and a broker outage (DESIGN §6)."""
+"""Nothing accepted is lost: dead workers, lost messages and a broker outage."""
 
 from __future__ import annotations
 

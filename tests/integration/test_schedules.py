@@ -1,4 +1,4 @@
-"""Schedules fired by a real beat process (database scheduler) into a real worker (DESIGN §11)."""
+"""Schedules fired by a real beat process (database scheduler) into a real worker."""
 
 from __future__ import annotations
 

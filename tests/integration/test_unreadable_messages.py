@@ -4,7 +4,7 @@ Regression: a message naming ``queueworker.execute`` without an ``id`` header, o
 body is not Celery's ``[args, kwargs, embed]``, raised in the worker's consumer ("Unrecoverable
 error: KeyError('id')") and stopped the worker; still unacknowledged, it went on to stop the
 next worker that took it. A body that was not JSON, or one without ``taskId``, was dropped
-instead of dead-lettered (DESIGN §5). Found by the chaos suite
+instead of dead-lettered (docs/architecture.md). Found by the chaos suite
 (tests/chaos/test_malformed_messages.py).
 """
 

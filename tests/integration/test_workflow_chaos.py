@@ -1,4 +1,4 @@
-"""Workflow runs survive a worker SIGKILLed again and again (DESIGN §6, invariants 1-3)."""
+"""Workflow runs survive a worker SIGKILLed again and again (docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN §7): every URL of the project, found by walking the resolver, so a
+"""Who may call what (docs/api.md): every URL of the project, found by walking the resolver, so a
 new endpoint is covered the day it is added.
 
 - Without credentials every URL answers 401, but the documented open ones: the health checks,
@@ -51,7 +51,7 @@ PARAMETERS = {
     "url": "nowhere/",
 }
 
-# DESIGN §7: open without credentials.
+# docs/api.md: open without credentials.
 OPEN = {"health", "health-live", "health-ready", "schema", "docs", "prometheus-metrics"}
 # Pages that log in and out: open by nature.
 LOGIN_PAGES = {"admin:login", "admin:logout", "rest_framework:login", "rest_framework:logout"}

@@ -1,7 +1,7 @@
 """Every operation of the live OpenAPI schema, fuzzed with schemathesis: no 5xx, no leak.
 
 The schema is the one ``/api/schema/`` serves, loaded from the Django WSGI app when this module
-is collected (it is open, DESIGN §7; the test database does not exist yet then). Each operation is
+is collected (it is open, docs/api.md; the test database does not exist yet then). Each operation is
 one test, run as a user who owns a task, a workflow with a run and a schedule (as staff for the
 staff-only operations); every call carries that user's token. A path id that parses as a UUID is
 replaced by the id of the matching row, so fuzzed bodies and queries reach real objects;
@@ -44,7 +44,7 @@ CONFIG = schemathesis.Config.from_dict(
         "generation": {"deterministic": True, "max-examples": MAX_EXAMPLES, "database": "none"},
         "operations": [
             {
-                # A health check answers 503 naming the failing check (DESIGN §7); none of the
+                # A health check answers 503 naming the failing check (docs/api.md); none of the
                 # tests' workers is running, so the full check fails on "workers".
                 "include-path-regex": "^/api/health/",
                 "checks": {"not_a_server_error": {"expected-statuses": ["2XX", "4XX", "503"]}},

@@ -1,5 +1,5 @@
 """Hostile bodies on every write endpoint: a 4xx with a JSON body naming the problem, and nothing
-written (DESIGN §6.4, §7).
+written (docs/api.md).
 
 Each endpoint is called with a valid body once (it acts: the refusals below are what stops it)
 and with every hostile body; the tables the API writes are compared before and after. Task-level

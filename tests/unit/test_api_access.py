@@ -1,4 +1,4 @@
-"""Authentication and owner scoping of the task API, and the endpoints open to all (DESIGN §7).
+"""Authentication and owner scoping of the task API, and the endpoints open to all (docs/api.md).
 
 Every URL of the project without credentials, with an unknown token, and with another user's
 ids is in ``tests/security/test_access.py``.

@@ -1,4 +1,4 @@
-"""Bad input gets a clear 4xx naming the field at fault, and changes nothing (DESIGN §6.4, §7).
+"""Bad input gets a clear 4xx naming the field at fault, and changes nothing (docs/api.md).
 
 The task API's own rules. Hostile bodies (malformed, deeply nested, huge, NUL, not JSON, over the
 limit, chunked) on every write endpoint are in ``tests/security/test_hostile_input.py``.

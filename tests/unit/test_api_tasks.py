@@ -1,4 +1,4 @@
-"""The task API in process (DESIGN §7): create, read, list, bulk, cancel, retry, idempotency.
+"""The task API in process (docs/api.md): create, read, list, bulk, cancel, retry, idempotency.
 
 Requests go through DRF's ``APIClient`` inside the test transaction, so ``on_commit`` callbacks
 (the wake-up publishing) never reach the broker unless a test runs them itself, with

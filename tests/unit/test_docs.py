@@ -146,3 +146,23 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "configuration" / "index.html").exists()
+
+
+def test_code_cites_only_documents_in_the_repository():
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.yaml", "*.yml", "*.toml", "Makefile", "Procfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    citing = re.compile(r"\b(DESIGN|PERFORMANCE)(\.md\b| §)")
+    offenders = [
+        name
+        for name in tracked
+        if name != "tests/unit/test_docs.py" and citing.search((ROOT / name).read_text())
+    ]
+    assert offenders == []
+    for name in tracked:
+        for target in re.findall(r"\bdocs/[a-z-]+\.md\b", (ROOT / name).read_text()):
+            assert (ROOT / target).exists(), (name, target)

@@ -139,7 +139,7 @@ def test_validate_reports_every_problem_sorted_by_path(items_spec):
 def test_validate_required_and_unexpected_messages(items_spec):
     problems = items_spec.validate({"colour": "red"})
 
-    # each problem names its own field, missing or unknown (DESIGN §7)
+    # each problem names its own field, missing or unknown (docs/api.md)
     assert problems == [("colour", "unknown field"), ("name", "this field is required")]
 
 

@@ -1,4 +1,4 @@
-"""The schedules API (DESIGN §7, §11): validation, output, and the ViewSet."""
+"""The schedules API (docs/schedules.md): validation, output, and the ViewSet."""
 
 from __future__ import annotations
 

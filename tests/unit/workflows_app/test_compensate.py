@@ -1,4 +1,4 @@
-"""POST /api/tasks/{id}/compensate/: undo a COMPLETED task by hand (DESIGN §7)."""
+"""POST /api/tasks/{id}/compensate/: undo a COMPLETED task by hand (docs/api.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Schedules (DESIGN §11): validation, the DST-correct next fire, slot dedupe and overlap."""
+"""Schedules (docs/schedules.md): validation, the DST-correct next fire, slot dedupe and overlap."""
 
 from __future__ import annotations
 
