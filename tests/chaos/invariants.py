@@ -34,6 +34,7 @@ from tests.chaos import harness
 from workflows_app.models import FINISHED_RUN_STATUSES, WorkflowRun
 
 SAMPLE = 10  # ids quoted per violation
+ACCEPTED_CHUNK = 10_000  # ids per statement: PostgreSQL takes at most 65,535 parameters
 
 
 @dataclass
@@ -130,9 +131,12 @@ def check(*, accepted: Iterable[str] = (), settle_s: float = 0.0) -> Findings:
 
     accepted = list(dict.fromkeys(str(a) for a in accepted))
     if accepted:
-        stored = {
-            str(pk) for pk in Task.objects.filter(pk__in=accepted).values_list("pk", flat=True)
-        }
+        stored: set[str] = set()
+        for start in range(0, len(accepted), ACCEPTED_CHUNK):
+            chunk = accepted[start : start + ACCEPTED_CHUNK]
+            stored.update(
+                str(pk) for pk in Task.objects.filter(pk__in=chunk).values_list("pk", flat=True)
+            )
         found.missing = [a for a in accepted if a not in stored]
 
     not_terminal = Task.objects.exclude(status__in=TERMINAL_STATUSES)
