@@ -177,6 +177,7 @@ def expire_leases(
             "retry_backoff_max_s",
             "retry_jitter",
             "lease_expires_at",
+            "holder",
         )[:batch]
     )
     count = 0

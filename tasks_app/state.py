@@ -476,6 +476,7 @@ def expire_lease(
     guard_sql = f"{qn('lease_expires_at')} < %s"
     guard_params: list[Any] = [_prep("lease_expires_at", now)]
     error = "worker lost: the lease expired before the task finished"
+    by = "lease"
     if stale_before is not None:
         heartbeats = qn(WorkerHeartbeat._meta.db_table)
         guard_sql += (
@@ -486,6 +487,10 @@ def expire_lease(
         guard_params.append(_prep("lease_expires_at", stale_before))
         if task.lease_expires_at is None or task.lease_expires_at >= now:
             error = "worker lost: its process stopped sending heartbeats"
+            by = "heartbeat"
+    # Which process held it, and which rule judged it: an operator (and the soak) can tell a
+    # dead worker's tasks from work that outlived its lease.
+    evidence = {"holder": str(task.holder) if task.holder else None, "by": by}
     lease_guard = Expr(guard_sql, tuple(guard_params))
     if retry:
         return apply(
@@ -503,7 +508,7 @@ def expire_lease(
             log=LogEntry(
                 level=LogLevel.WARNING,
                 message=f"{error}; retrying in {delay_s:.3f}s",
-                data={"delay_s": round(delay_s, 3)},
+                data={"delay_s": round(delay_s, 3), **evidence},
             ),
             now=now,
         )
@@ -518,7 +523,11 @@ def expire_lease(
             "finished_at": now,
             "lease_expires_at": None,
         },
-        log=LogEntry(level=LogLevel.ERROR, message=error, data={"failure_class": "worker_lost"}),
+        log=LogEntry(
+            level=LogLevel.ERROR,
+            message=error,
+            data={"failure_class": "worker_lost", **evidence},
+        ),
         now=now,
     )
 

@@ -162,8 +162,10 @@ def render_soak() -> list[str]:
         f"drained {s['drain_s']} s after the last submission",
         f"  worker RSS {s['rss_start_mib']} → {s['rss_end_mib']} MiB "
         f"({s['rss_growth_pct']:+.1f}%, the worker not killed, with its pool)",
-        f"  leases expired: {s['leases_expired_before_kill']} before the kill, "
-        f"{s['leases_expired_after_kill']} after it (the killed worker's tasks)",
+        f"  leases expired: {s['leases_expired_before_kill']} before the kill; after it "
+        f"{s['leases_expired_killed_worker']} of the killed worker, "
+        f"{s['leases_expired_live_holder']} of live processes, "
+        f"{s['leases_expired_no_holder']} of no process",
         f"  completed {s['completed']:,}, failed {s['failed']}, duplicates executed "
         f"{s['duplicates_executed']}, duplicates completed {s['duplicates_completed']}, "
         f"lost {s['lost']}, stuck {s['stuck']}, joins ×2 {s['joins_twice']}, "

@@ -25,7 +25,7 @@ import requests
 from django.db import connection
 
 from tasks_app.http.testing import LoopbackServer, Received, Reply
-from tasks_app.models import Task, TaskLog, TaskStatus
+from tasks_app.models import Task, TaskLog, TaskStatus, WorkerHeartbeat
 from tests.chaos import harness, invariants, report, workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -200,13 +200,44 @@ def _db_now():
         return cursor.fetchone()[0]
 
 
-def _expired_leases(kill_at) -> tuple[int, int]:
-    """Lease expiries (``lease_expired`` log rows) before and after the worker was killed."""
-    expired = TaskLog.objects.filter(event="lease_expired")
-    return (
-        expired.filter(created_at__lt=kill_at).count(),
-        expired.filter(created_at__gte=kill_at).count(),
-    )
+@dataclass
+class Expiries:
+    """Lease expiries (``lease_expired`` log rows), each attributed to the process that held
+    the task: before the kill there must be none; after it, only the killed worker's."""
+
+    before_kill: int = 0
+    killed_worker: int = 0  # held by a process of the worker that was SIGKILLed
+    live_holder: int = 0  # held by a process that was alive: a busy worker judged dead
+    no_holder: int = 0  # held by no process (a data task waiting for its batches)
+
+    @property
+    def not_killed(self) -> int:
+        return self.live_holder + self.no_holder
+
+
+def _holders_of(proc: harness.Proc) -> set[str]:
+    """The heartbeat ids of a started worker's processes (the worker and its pool)."""
+    pids = [proc.popen.pid, *proc.children()]
+    return {
+        str(i) for i in WorkerHeartbeat.objects.filter(pid__in=pids).values_list("id", flat=True)
+    }
+
+
+def _expiries(kill_at, killed: set[str]) -> Expiries:
+    found = Expiries()
+    for created_at, data in TaskLog.objects.filter(event="lease_expired").values_list(
+        "created_at", "data"
+    ):
+        holder = (data or {}).get("holder")
+        if created_at < kill_at:
+            found.before_kill += 1
+        elif holder in killed:
+            found.killed_worker += 1
+        elif holder:
+            found.live_holder += 1
+        else:
+            found.no_holder += 1
+    return found
 
 
 def _soak(services, spawn, token, loopback: LoopbackServer, env: dict[str, str]) -> None:
@@ -287,6 +318,7 @@ def _soak(services, spawn, token, loopback: LoopbackServer, env: dict[str, str])
         time.sleep(SECONDS / 2)
         kill_at = round(time.monotonic() - started, 1)
         kill_db_time = _db_now()
+        killed_holders = _holders_of(workers[1])
         workers[1].kill(signal.SIGKILL)
         workers[1] = spawn("worker", **env)
         for thread in threads[:-1]:
@@ -321,9 +353,14 @@ def _soak(services, spawn, token, loopback: LoopbackServer, env: dict[str, str])
     if found.runs_by_status != {"COMPLETED": len(submitter_runs)}:
         problems.append(f"runs: {found.runs_by_status}")
     # a lease expires only for work the killed worker held: never while every worker is alive
-    expired_before, expired_after = _expired_leases(kill_db_time)
-    if expired_before:
-        problems.append(f"{expired_before} leases expired before any worker was killed")
+    expired = _expiries(kill_db_time, killed_holders)
+    if expired.before_kill:
+        problems.append(f"{expired.before_kill} leases expired before any worker was killed")
+    if expired.not_killed:
+        problems.append(
+            f"{expired.not_killed} leases expired that the killed worker did not hold "
+            f"({expired.live_holder} of live processes, {expired.no_holder} of no process)"
+        )
     wrong_data = _wrong_data_outputs(data_inputs)
     if wrong_data:
         problems.append(f"{len(wrong_data)} data pipelines with a wrong output: {wrong_data[:5]}")
@@ -353,8 +390,10 @@ def _soak(services, spawn, token, loopback: LoopbackServer, env: dict[str, str])
         lost=len(found.lost) + len(found.missing),
         stuck=len(found.stuck),
         joins_twice=len(found.joins_twice),
-        leases_expired_before_kill=expired_before,
-        leases_expired_after_kill=expired_after,
+        leases_expired_before_kill=expired.before_kill,
+        leases_expired_killed_worker=expired.killed_worker,
+        leases_expired_live_holder=expired.live_holder,
+        leases_expired_no_holder=expired.no_holder,
         http_calls=sum(calls.keys.values()),
         http_repeated=calls.repeated(),
         windows=windows,

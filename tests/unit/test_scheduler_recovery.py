@@ -189,13 +189,17 @@ def lease_30(settings):
 @pytest.mark.django_db
 def test_sweep_recovers_a_task_whose_holder_stopped_beating(lease_30):
     # given a task whose backstop lease has minutes left, and whose holder last beat 31 s ago
-    task = _running(_heartbeat(age_s=31))
+    holder = _heartbeat(age_s=31)
+    task = _running(holder)
 
     # then the sweep counts a lost attempt now, naming the heartbeat
     assert recovery.expire_leases() == 1
     task.refresh_from_db()
     assert task.status == TaskStatus.RETRYING and task.retries == 1
     assert "stopped sending heartbeats" in task.error
+    # and its log says which process was lost and by which rule
+    log = task.logs.get(event="lease_expired")
+    assert (log.data["holder"], log.data["by"]) == (str(holder), "heartbeat")
 
 
 @pytest.mark.django_db

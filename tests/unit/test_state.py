@@ -427,7 +427,8 @@ def test_expire_lease_without_retry_failed_worker_lost():
     assert row.finished_at == now and row.lease_expires_at is None
     log = TaskLog.objects.get(task_id=task.id)
     assert (log.event, log.level) == ("lease_expired", LogLevel.ERROR)
-    assert log.data == {"failure_class": "worker_lost", "attempt": 1}
+    # the holder (none here) and the rule that judged it: a lease that ran out
+    assert log.data == {"failure_class": "worker_lost", "attempt": 1, "holder": None, "by": "lease"}
 
 
 # --- races: two actors, one winner -------------------------------------------------------------
