@@ -11,8 +11,9 @@
 - ``expire_leases`` turns PROCESSING tasks whose worker is gone into a failed attempt of class
   ``worker_lost``: RETRYING while retries remain, else FAILED. Gone means that the holder's
   heartbeat is older than ``QW_LEASE_SECONDS`` (``tasks_app.liveness``), or that the backstop
-  lease ran out (a holder alive but never finishing, or a data task's batches stalled). A task
-  that kills its worker every time therefore ends FAILED after ``max_retries``.
+  lease ran out (a holder alive but never finishing, or a data task's batches stalled, not
+  merely queued behind a backlog: ``_not_queued``). A task that kills its worker every time
+  therefore ends FAILED after ``max_retries``.
 
 All times are the database's. After an outage, every heartbeat is old, the live workers' as
 well: the sweep judges nothing until it has itself reached the database for a whole
@@ -33,6 +34,7 @@ from queueworker import broker
 from tasks_app import dispatch, hooks, liveness, state
 from tasks_app.models import (
     WAITING_STATUSES,
+    DataJob,
     LogLevel,
     Task,
     TaskLog,
@@ -166,6 +168,7 @@ def expire_leases(
         Task.objects.filter(status=TaskStatus.PROCESSING)
         .alias(alive=Exists(alive))
         .filter(Q(lease_expires_at__lt=now) | Q(holder__isnull=False, alive=False))
+        .annotate(waits_for_batches=Exists(DataJob.objects.filter(task=OuterRef("pk"))))
         .order_by("lease_expires_at")
         .only(
             "id",
@@ -178,8 +181,11 @@ def expire_leases(
             "retry_jitter",
             "lease_expires_at",
             "holder",
+            "queue",
+            "timeout_s",
         )[:batch]
     )
+    lost = _not_queued(lost, now)
     count = 0
     for task in lost:
         retry = task.retries < task.max_retries
@@ -198,6 +204,38 @@ def expire_leases(
     if count:
         logger.warning("%d tasks lost their worker", count)
     return count
+
+
+def _not_queued(tasks: list[Task], now: datetime) -> list[Task]:
+    """Leave out the tasks whose work is queued, not lost; push their leases on.
+
+    A DATA_PROCESSING task waiting for its batches is held by no process (``state.release``):
+    only its lease bounds it, renewed by each finished batch. Behind a backlog its batches
+    and its merge wait in the queue like any other message, however long that takes, so a
+    lease that runs out then says nothing about them. The broker does: while the task's queue
+    holds ready messages the task is not judged and its lease runs again from now (for as
+    long as a merge may take); once the queue is empty and the lease runs out, its batches or
+    its merge are lost and the attempt is counted as today. Without an answer from the broker
+    the lease alone judges, as before (a retry finds the staged batches again).
+    """
+    waiting = [
+        t
+        for t in tasks
+        if t.holder is None and t.waits_for_batches  # type: ignore[attr-defined]
+    ]
+    if not waiting:
+        return tasks
+    stats = broker.queue_stats(sorted({t.queue for t in waiting}))
+    backlogged = {s.name for s in stats if s.messages}
+    queued = [t for t in waiting if t.queue in backlogged]
+    if not queued:
+        return tasks
+    for task in queued:
+        # Never shortened; one guarded UPDATE per task whose batches are queued past its lease.
+        state.renew_lease(task.pk, seconds=task.timeout_s + settings.QW_LEASE_SECONDS, now=now)
+    logger.info("%d tasks wait for batches queued behind a backlog: leases renewed", len(queued))
+    skip = {t.pk for t in queued}
+    return [t for t in tasks if t.pk not in skip]
 
 
 def forget_heartbeats(*, now: datetime | None = None) -> int:

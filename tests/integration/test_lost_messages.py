@@ -1,5 +1,6 @@
 """A message lost between commit and publish is sent again within seconds when its queue is
-empty, and only after ``QW_REDISPATCH_SECONDS`` when the queue holds a backlog."""
+empty, and only after ``QW_REDISPATCH_SECONDS`` when the queue holds a backlog; a data task
+waiting for batches queued behind a backlog is not judged by its lease until the queue empties."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rest_framework.authtoken.models import Token
 from queueworker import broker, messaging
 from queueworker.celery import app
 from tasks_app import liveness, recovery
-from tasks_app.models import Task, TaskLog, TaskStatus
+from tasks_app.models import DataJob, Task, TaskLog, TaskStatus
 from tests.chaos import harness
 from tests.conftest import ROOT, service_env, wait_for
 from tests.factories import TaskFactory
@@ -215,3 +216,63 @@ def test_crash_between_commit_and_publish_completes_within_30s_at_shipped_defaul
     print(f"\ncrash between commit and publish -> COMPLETED in {took:.1f} s")
     events = list(TaskLog.objects.filter(task=task).values_list("event", flat=True))
     assert events.count("completed") == 1 and events.count("redispatched") == 1
+
+
+def _waiting_for_batches(*, lease_ran_out_s_ago: float) -> Task:
+    """A DATA_PROCESSING task whose batches were sent: held by no process, its lease run out."""
+    task = TaskFactory(
+        type="DATA_PROCESSING",
+        status=TaskStatus.PROCESSING,
+        attempt=1,
+        holder=None,
+        timeout_s=30,
+        lease_expires_at=liveness.db_now() - timedelta(seconds=lease_ran_out_s_ago),
+    )
+    DataJob.objects.create(task=task, batches=2, rows_in=40)
+    return task
+
+
+def test_task_waiting_for_batches_behind_a_backlog_is_not_judged(empty_queues, shipped):
+    # given a data task waiting for its batches, its lease run out a second ago, while its
+    # queue holds a backlog (a message nobody consumes)
+    harness.publish_raw([(b"{}", "application/json", {}, messaging.DEFAULT_QUEUE)])
+    wait_for(lambda: _depth(messaging.DEFAULT_QUEUE) == 1, timeout=5)
+    task = _waiting_for_batches(lease_ran_out_s_ago=1)
+
+    # when the sweep runs, then nothing is lost: its batches are queued, and its lease runs
+    # again from now for as long as a merge may take
+    assert recovery.expire_leases() == 0
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PROCESSING and task.retries == 0
+    left = (task.lease_expires_at - liveness.db_now()).total_seconds()
+    assert 50 < left <= 60
+    assert not TaskLog.objects.filter(task=task, event="lease_expired").exists()
+
+    # and once the queue is empty and the lease has run out, the attempt is counted as lost
+    harness.purge_queues()
+    Task.objects.filter(pk=task.pk).update(
+        lease_expires_at=liveness.db_now() - timedelta(seconds=1)
+    )
+    assert recovery.expire_leases() == 1
+    task.refresh_from_db()
+    assert task.status == TaskStatus.RETRYING and task.retries == 1
+    log = TaskLog.objects.get(task=task, event="lease_expired")
+    assert (log.data["holder"], log.data["by"]) == (None, "lease")
+
+
+def test_held_task_whose_lease_ran_out_is_judged_whatever_the_queue_holds(empty_queues, shipped):
+    # given a backlog, and a task held by a process without a heartbeat whose lease ran out
+    # (not one waiting for batches: the backlog says nothing about it)
+    harness.publish_raw([(b"{}", "application/json", {}, messaging.DEFAULT_QUEUE)])
+    wait_for(lambda: _depth(messaging.DEFAULT_QUEUE) == 1, timeout=5)
+    task = TaskFactory(
+        status=TaskStatus.PROCESSING,
+        attempt=1,
+        holder=None,
+        lease_expires_at=liveness.db_now() - timedelta(seconds=1),
+    )
+
+    # when the sweep runs, then its attempt is counted as lost
+    assert recovery.expire_leases() == 1
+    task.refresh_from_db()
+    assert task.status == TaskStatus.RETRYING
