@@ -15,13 +15,19 @@ that records the outcome, in two phases:
 ``observes(task)`` says whether the observer cares; a task no observer cares about costs no
 statement and no transaction beyond its own transition.
 
+Outcomes written together (the worker's ``Completions``) use the same two phases for many
+tasks at once: ``lock_many(tasks)`` takes every lock in the observer's one order before the
+task rows are written, ``finished_many(tasks, held)`` decides for the tasks whose transition
+took place, once for all of them (two branches of a join finishing together start the join
+once; the steps the batch starts are created and published together).
+
 **Reconcilers.** The dispatcher's sweep calls each registered reconciler on every sweep (the
 workflow reconciler decides runs that a lost decision left with nothing running).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -34,6 +40,10 @@ class TerminalObserver(Protocol):
     def lock(self, task: Task) -> Any: ...
 
     def finished(self, task: Task, held: Any) -> None: ...
+
+    def lock_many(self, tasks: Sequence[Task]) -> Any: ...
+
+    def finished_many(self, tasks: Sequence[Task], held: Any) -> None: ...
 
 
 _observers: list[TerminalObserver] = []
@@ -71,6 +81,28 @@ class Terminal:
     def finished(self, task: Task) -> None:
         for observer, held in self._held:
             observer.finished(task, held)
+
+
+class Terminals:
+    """The observers of many tasks' terminal transitions written in one statement.
+
+    Make it inside the outcomes' transaction, before they are written; call ``finished`` with
+    the tasks whose transition took place (a refused one concerns no observer).
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self._held: list[tuple[TerminalObserver, list[Task], Any]] = []
+        for observer in _observers:
+            followed = [task for task in tasks if observer.observes(task)]
+            if followed:
+                self._held.append((observer, followed, observer.lock_many(followed)))
+
+    def finished(self, tasks: Sequence[Task]) -> None:
+        done = {task.pk for task in tasks}
+        for observer, followed, held in self._held:
+            finished = [task for task in followed if task.pk in done]
+            if finished:
+                observer.finished_many(finished, held)
 
 
 def reconcile() -> None:

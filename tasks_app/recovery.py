@@ -164,7 +164,7 @@ def expire_leases(
     if healthy_since is not None and healthy_since > stale_before:
         return 0
     alive = WorkerHeartbeat.objects.filter(pk=OuterRef("holder"), beat_at__gte=stale_before)
-    lost = list(
+    candidates: list[Task] = list(
         Task.objects.filter(status=TaskStatus.PROCESSING)
         .alias(alive=Exists(alive))
         .filter(Q(lease_expires_at__lt=now) | Q(holder__isnull=False, alive=False))
@@ -185,7 +185,7 @@ def expire_leases(
             "timeout_s",
         )[:batch]
     )
-    lost = _not_queued(lost, now)
+    lost = _not_queued(candidates, now)
     count = 0
     for task in lost:
         retry = task.retries < task.max_retries

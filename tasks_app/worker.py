@@ -146,7 +146,7 @@ def run_claimed(
         # A handler bug: retrying cannot fix it, so it fails at once with the exception named.
         logger.exception("handler %s raised", task.type)
         return finish_failed(task, f"{type(exc).__name__}: {exc}", retryable=False)
-    if completions is not None and task.workflow_run_id is None:
+    if completions is not None:
         problem = _result_problem(result)
         if problem is not None:
             return finish_failed(task, problem, retryable=False)
@@ -404,9 +404,7 @@ class Completions:
             if not items:
                 return
             try:
-                done = _durably(
-                    lambda: state.complete_many([(t.id, t.attempt, r) for t, r in items])
-                )
+                done = _durably(lambda: _complete_many(items))
             except BaseException:
                 with self._lock:  # not written: keep them for the next try (or the raise)
                     self._items[:0] = items
@@ -440,6 +438,20 @@ class Completions:
         if self._thread is not None:
             self._thread.join()
         self.flush()
+
+
+def _complete_many(items: Sequence[tuple[Task, Any]]) -> set[Any]:
+    """Write many completions (one statement); where observers follow some of them (a run's
+    steps), they decide in the same transaction, their locks taken first, for all together."""
+    rows = [(task.id, task.attempt, result) for task, result in items]
+    followed = [task for task, _ in items if hooks.observed(task)]
+    if not followed:
+        return state.complete_many(rows)
+    with transaction.atomic():
+        terminals = hooks.Terminals(followed)  # the observers' locks first, then the tasks'
+        done = state.complete_many(rows)
+        terminals.finished([task for task in followed if task.id in done])
+    return done
 
 
 @dataclass

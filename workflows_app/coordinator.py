@@ -431,3 +431,9 @@ class RunObserver:
 
     def finished(self, task: Task, held: WorkflowRun) -> None:
         task_finished(task, run=held)
+
+    def lock_many(self, tasks: Sequence[Task]) -> dict[Any, WorkflowRun]:
+        return lock_runs(task.workflow_run_id for task in tasks)
+
+    def finished_many(self, tasks: Sequence[Task], held: dict[Any, WorkflowRun]) -> None:
+        dispatch.publish_on_commit(tasks_finished(tasks, runs=held))

@@ -36,7 +36,9 @@ JOIN = {
 @pytest.fixture(autouse=True)
 def published(monkeypatch):
     sent: list[dispatch.Wakeup] = []
-    monkeypatch.setattr(dispatch, "publish", lambda wakeups: sent.extend(wakeups) or len(wakeups))
+    monkeypatch.setattr(
+        dispatch, "publish", lambda wakeups, **_: sent.extend(wakeups) or len(wakeups)
+    )
     return sent
 
 
@@ -164,3 +166,31 @@ def test_batch_that_finishes_a_run_completes_it(user):
     assert _complete_together([_claimed(run, "c")]) == []
     run.refresh_from_db()
     assert run.status == RunStatus.COMPLETED
+
+
+def test_a_message_of_several_runs_steps_is_decided_in_one_transaction_and_published_together(
+    user, monkeypatch, django_capture_on_commit_callbacks
+):
+    # given one message waking the first steps of four runs, and a join's two branches
+    runs = [_start(user, LINEAR, f"m{i}") for i in range(4)]
+    join = _start(user, JOIN, "join-in-a-message")
+    worker.run(str(join.tasks.get(step="a").pk), timeout_s=30)
+    ids = [str(r.tasks.get(step="a").pk) for r in runs]
+    ids += [str(join.tasks.get(step=s).pk) for s in ("b", "c")]
+    publications: list[list[dispatch.Wakeup]] = []
+    monkeypatch.setattr(
+        dispatch, "publish", lambda wakeups, **_: publications.append(list(wakeups)) or 0
+    )
+
+    # when the worker runs the message (completions written together)
+    with django_capture_on_commit_callbacks(execute=True):
+        report = worker.run_batch(ids, timeout_s=10, worker="w1", background=False)
+
+    # then every outcome is written in one statement with its runs decided in it: each run's
+    # next step exists once, the join once, and their wake-ups leave in one publication
+    assert report.outcomes == {"completed": 6}
+    assert report.writes == 1
+    nexts = [r.tasks.get(step="b") for r in runs] + [join.tasks.get(step="d")]
+    assert all(t.status == TaskStatus.PENDING for t in nexts)
+    assert len(publications) == 1
+    assert sorted(w.task_id for w in publications[0]) == sorted(str(t.pk) for t in nexts)
