@@ -301,13 +301,14 @@ def dispatch(task: Task, indexes: list[int]) -> None:
     from queueworker.celery import app
 
     batch_task, merge_task = "tasks_app.data_batch", "tasks_app.data_merge"
-    options = {"queue": task.queue, "priority": task.priority}
     header = [
-        app.signature(batch_task, (str(task.id), index), immutable=True).set(**options)
+        app.signature(batch_task, (str(task.id), index), immutable=True).set(
+            queue=task.queue, priority=task.priority
+        )
         for index in indexes
     ]
     callback = app.signature(merge_task, (str(task.id), task.attempt), immutable=True).set(
-        **options
+        queue=task.queue, priority=task.priority
     )
     try:
         chord(header)(callback)
