@@ -17,7 +17,7 @@ case "$process" in
     exec celery -A queueworker worker --loglevel "${LOG_LEVEL:-info}" "$@"
     ;;
   beat)
-    # The scheduler (tasks_app.scheduler:QueueWorkerScheduler) keeps its state in PostgreSQL;
+    # The scheduler (workflows_app.scheduler:QueueWorkerScheduler) keeps its state in PostgreSQL;
     # the schedule file Celery insists on goes to /tmp, writable under a read-only root.
     exec celery -A queueworker beat --loglevel "${LOG_LEVEL:-info}" \
       --schedule /tmp/celerybeat-schedule "$@"

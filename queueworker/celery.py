@@ -12,4 +12,5 @@ app = Celery("queueworker")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
-from queueworker import worker_signals  # noqa: E402,F401  # connects the worker's signal handlers
+# Connects the worker's signal handlers (the engine's connect in tasks_app's ready()).
+import queueworker.worker_signals  # noqa: E402,F401

@@ -13,6 +13,12 @@ reported failed ("timed out").
 - ``/api/health/``: those, plus workers (a Celery ping; and per queue, does any worker
   consume it?) and queues (none over ``QW_QUEUE_OVERLOAD_THRESHOLD``).
 
+The checks of the apps are contributed (``register_check`` in their ``AppConfig.ready()``):
+the dispatcher's is the engine's. A contributed check runs in ``/api/health/`` and, as its app
+says, in ``ready/`` as well (failing it, or only warning); answers list the database and the
+broker first, then the contributed checks in the order they were registered, then workers and
+queues.
+
 The endpoints are open, so what they tell and what they cost is bounded: anyone gets each
 check's name and whether it passed; the details (hosts, URLs, worker names, error texts) only
 staff users and callers with ``Authorization: Bearer <QW_METRICS_TOKEN>``. A process runs a set
@@ -26,7 +32,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from django.conf import settings
 from django.db import connection, connections
@@ -99,13 +106,28 @@ def check_queues() -> str:
     return ", ".join(f"{s.name}: {s.messages}" for s in stats)
 
 
-def check_dispatcher() -> str:
-    from tasks_app import dispatcher
+Readiness = Literal["required", "advisory", "none"]
 
-    try:
-        return dispatcher.status()  # "last ran 2 s ago on …", or raises naming what is wrong
-    finally:
-        connections.close_all()  # a thread's own connection; do not leave it open
+
+@dataclass(frozen=True)
+class _Contributed:
+    check: Callable[[], str]
+    readiness: Readiness
+
+
+_contributed: dict[str, _Contributed] = {}
+
+
+def register_check(name: str, check: Callable[[], str], *, readiness: Readiness) -> None:
+    """Add an app's check: always in ``/api/health/``; in ``ready/`` too unless ``readiness``
+    is ``"none"``, where an ``"advisory"`` one is reported under ``warnings`` without failing
+    the answer. ``check()`` returns a detail or raises; it runs in a thread of its own, so it
+    closes any database connection it opened. Registering a name again replaces its check."""
+    _contributed[name] = _Contributed(check, readiness)
+
+
+def contributed_checks(*, ready: bool) -> dict[str, Callable[[], str]]:
+    return {name: c.check for name, c in _contributed.items() if not ready or c.readiness != "none"}
 
 
 def run_checks(checks: dict[str, Callable[[], str]]) -> tuple[bool, dict[str, Any]]:
@@ -230,17 +252,28 @@ class LiveView(_HealthBase):
 class ReadyView(_HealthBase):
     """Ready to accept work: the database and the broker answer; the dispatcher is reported."""
 
-    checks = {"database": check_database, "broker": check_broker, "dispatcher": check_dispatcher}
-    advisory = frozenset({"dispatcher"})
+    @property
+    def checks(self) -> dict[str, Callable[[], str]]:  # type: ignore[override]
+        return {
+            "database": check_database,
+            "broker": check_broker,
+            **contributed_checks(ready=True),
+        }
+
+    @property
+    def advisory(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(n for n, c in _contributed.items() if c.readiness == "advisory")
 
 
 class HealthView(_HealthBase):
     """Every dependency: database, broker, workers (and which queues have none), queues."""
 
-    checks = {
-        "database": check_database,
-        "broker": check_broker,
-        "dispatcher": check_dispatcher,
-        "workers": check_workers,
-        "queues": check_queues,
-    }
+    @property
+    def checks(self) -> dict[str, Callable[[], str]]:  # type: ignore[override]
+        return {
+            "database": check_database,
+            "broker": check_broker,
+            **contributed_checks(ready=False),
+            "workers": check_workers,
+            "queues": check_queues,
+        }

@@ -1,4 +1,8 @@
-"""``GET /api/metrics/`` (JSON, the caller's scope) and ``GET /metrics`` (Prometheus)."""
+"""``GET /api/metrics/`` (JSON, the caller's scope) and ``GET /metrics`` (Prometheus).
+
+The figures come from what the apps register with ``queueworker.metrics``; the JSON answer's
+shape is documented here, as a part of the API's schema.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from rest_framework.views import APIView
 
 from queueworker import metrics
 from queueworker.db_router import ReplicaReadsMixin
-from tasks_app.metrics import metrics_summary
 
 
 class TaskCountsOutput(serializers.Serializer):
@@ -91,7 +94,7 @@ class MetricsView(ReplicaReadsMixin, APIView):
 
     @extend_schema(responses=MetricsOutput)
     def get(self, request: Request) -> Response:
-        return Response(MetricsOutput(metrics_summary(request.user)).data)
+        return Response(MetricsOutput(metrics.summary(request.user)).data)
 
 
 @never_cache

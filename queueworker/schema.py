@@ -1,38 +1,25 @@
-"""OpenAPI additions: each task type's payload schema, straight from the handler registry."""
+"""OpenAPI additions contributed by the apps (drf-spectacular's ``POSTPROCESSING_HOOKS`` names
+``apply_contributions``): the project's schema knows no app, each adds what only it knows (the
+engine: each task type's payload schema) with ``register_postprocessor`` in its ``ready()``."""
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 from typing import Any
 
-from tasks_app.handlers.registry import registry
+Postprocessor = Callable[..., dict[str, Any]]
 
-_CREATE_COMPONENTS = ("TaskCreateInputRequest", "BulkItemInputRequest")
+_postprocessors: list[Postprocessor] = []
 
 
-def add_payload_schemas(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Publish ``<TYPE>Payload`` components and point the create bodies' ``payload`` at them."""
-    schemas = result.setdefault("components", {}).setdefault("schemas", {})
-    refs = []
-    for spec in registry:
-        name = f"{_camel(spec.type)}Payload"
-        schema = copy.deepcopy(spec.schema)
-        schema.setdefault("title", f"{spec.type} payload")
-        if spec.description:
-            schema.setdefault("description", spec.description)
-        schemas[name] = schema
-        refs.append({"$ref": f"#/components/schemas/{name}"})
-    for component in _CREATE_COMPONENTS:
-        properties = schemas.get(component, {}).get("properties", {})
-        if "payload" in properties:
-            properties["payload"] = {
-                "description": "Checked against the payload schema of the task's `type`: "
-                + ", ".join(f"`{spec.type}` → `{_camel(spec.type)}Payload`" for spec in registry)
-                + ".",
-                "anyOf": refs,
-            }
+def register_postprocessor(postprocessor: Postprocessor) -> None:
+    """Run ``postprocessor(result, **kwargs)`` (drf-spectacular's hook signature) on every
+    generated document, in the order registered; once each."""
+    if postprocessor not in _postprocessors:
+        _postprocessors.append(postprocessor)
+
+
+def apply_contributions(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    for postprocessor in _postprocessors:
+        result = postprocessor(result, **kwargs)
     return result
-
-
-def _camel(task_type: str) -> str:
-    return "".join(part.capitalize() for part in task_type.split("_"))

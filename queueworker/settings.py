@@ -383,7 +383,7 @@ CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = False
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("QW_WORKER_SEND_EVENTS", False)
-CELERY_BEAT_SCHEDULER = "tasks_app.scheduler:QueueWorkerScheduler"
+CELERY_BEAT_SCHEDULER = "workflows_app.scheduler:QueueWorkerScheduler"
 # Celery's Django fixup closes the database connection around every task unless told to reuse
 # it; reopening a PostgreSQL session per task costs more than the task (docs/performance.md).
 CELERY_DB_REUSE_MAX = env.int("QW_DB_REUSE_MAX", 100_000, minimum=0)
@@ -427,7 +427,7 @@ SPECTACULAR_SETTINGS = {
     "OAS_VERSION": "3.1.0",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "queueworker.schema.add_payload_schemas",
+        "queueworker.schema.apply_contributions",
     ],
     "ENUM_NAME_OVERRIDES": {
         "TaskStatusEnum": "tasks_app.models.TaskStatus",

@@ -6,9 +6,11 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from queueworker import health, metrics_views
 
+# The one module of the project package that names the apps: each brings its own routes.
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/", include("tasks_app.api.urls")),
+    path("api/", include("tasks_app.urls")),
+    path("api/", include("workflows_app.urls")),
     path("api/health/", health.HealthView.as_view(), name="health"),
     path("api/health/live/", health.LiveView.as_view(), name="health-live"),
     path("api/health/ready/", health.ReadyView.as_view(), name="health-ready"),

@@ -1,23 +1,26 @@
-"""Worker process setup: database session settings, connection health, broker topology, a
-message strategy that refuses what it cannot read instead of stopping the worker, each task
-process's heartbeat, and the dispatcher candidate that every worker and beat runs."""
+"""Worker process setup: database session settings, connection health, broker topology, and a
+message strategy that refuses what it cannot read instead of stopping the worker.
+
+The engine's part of a worker (each task process's heartbeat, the dispatcher candidate) is
+``tasks_app.worker_signals``, connected by its app's ``ready()``: the project package names no
+app module outside ``urls.py``. The handlers here reach the Celery app through their signal's
+sender, not by importing ``queueworker.celery`` (which imports this module).
+"""
 
 from __future__ import annotations
 
-import atexit
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from billiard.process import current_process
-from celery import signals
+from celery import current_app, signals
 from celery.exceptions import InvalidTaskError
 from django.conf import settings
 from django.db.backends.signals import connection_created
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from queueworker import messaging
 from queueworker.logging import connect_celery
+from queueworker.messaging import DEAD_LETTER_QUEUE, dead_letter_queue
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +41,12 @@ def _async_commit(sender: Any, connection: Any, **kwargs: Any) -> None:
 
 @signals.worker_process_init.connect
 def _init_worker_process(**kwargs: Any) -> None:
-    _init_task_process(pool_child=current_process().name != "MainProcess")
+    _init_task_process()
 
 
-def _init_task_process(*, pool_child: bool) -> None:
+def _init_task_process() -> None:
     if not settings.QW_WORKER_SYNC_COMMIT:
         connection_created.connect(_async_commit, weak=False, dispatch_uid="qw_async_commit")
-    from tasks_app import liveness
-
-    # The process that runs tasks (a prefork child, or the worker itself under -P solo or
-    # -P threads) is the holder of what it claims: its heartbeat proves it alive.
-    liveness.start(pool_child=pool_child)
 
 
 def runs_tasks_in_worker_process(pool_cls: Any) -> bool:
@@ -67,55 +65,19 @@ def runs_tasks_in_worker_process(pool_cls: Any) -> bool:
 
 @signals.worker_init.connect
 def _init_threaded_worker(sender: Any = None, **kwargs: Any) -> None:
-    """Under -P threads the worker process is the holder of every task its threads claim:
-    its heartbeat starts before the consumer takes the first message, so that a SIGKILLed
-    worker's tasks are recovered within the lease, not the backstop."""
+    """Under -P threads the worker process runs the tasks: its transactions commit as a task
+    process's do."""
     if sender is not None and runs_tasks_in_worker_process(getattr(sender, "pool_cls", None)):
-        _init_task_process(pool_child=False)
-
-
-@signals.worker_process_shutdown.connect
-def _stop_heartbeat(**kwargs: Any) -> None:
-    from tasks_app import liveness
-
-    liveness.stop()
-
-
-@signals.worker_ready.connect
-def _start_dispatcher(sender: Any = None, **kwargs: Any) -> None:
-    from tasks_app import dispatcher
-
-    hostname = getattr(sender, "hostname", "") or "worker"
-    dispatcher.start(f"worker {hostname}")
-
-
-@signals.worker_shutdown.connect
-def _stop_dispatcher(**kwargs: Any) -> None:
-    from tasks_app import dispatcher, liveness
-
-    dispatcher.stop()
-    liveness.stop()  # -P solo: the worker's own heartbeat
-
-
-@signals.beat_init.connect
-def _beat_init(sender: Any = None, **kwargs: Any) -> None:
-    """Beat fires schedules with the project's scheduler, and is a dispatcher candidate."""
-    from tasks_app import dispatcher, scheduler
-
-    scheduler.ensure_project_scheduler(sender)
-    dispatcher.start("beat")
-    atexit.register(dispatcher.stop)
+        _init_task_process()
 
 
 @signals.worker_ready.connect
 def _declare_dead_letter_queue(sender: Any = None, **kwargs: Any) -> None:
-    from queueworker.celery import app
-
     try:
-        with app.connection_for_write() as conn:
-            messaging.dead_letter_queue()(conn.default_channel).declare()
+        with _app_of(sender).connection_for_write() as conn:
+            dead_letter_queue()(conn.default_channel).declare()
     except Exception:  # the worker still runs; the queues' DLX argument holds until it exists
-        logger.warning("could not declare %s", messaging.DEAD_LETTER_QUEUE, exc_info=True)
+        logger.warning("could not declare %s", DEAD_LETTER_QUEUE, exc_info=True)
 
 
 def tolerant_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -152,6 +114,9 @@ def tolerant_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Call
 def _tolerant_message_strategy(sender: Any = None, **kwargs: Any) -> None:
     """Every task of the app (ours and Celery's own) reads its messages tolerantly; the
     consumer builds its strategies after ``worker_init``."""
-    from queueworker.celery import app
+    _app_of(sender).Task.Strategy = f"{__name__}:tolerant_strategy"
 
-    app.Task.Strategy = f"{__name__}:tolerant_strategy"
+
+def _app_of(sender: Any) -> Any:
+    """The Celery app of a worker signal's sender (the worker, or its consumer)."""
+    return getattr(sender, "app", None) or current_app

@@ -293,13 +293,21 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def dispatch(task: Task, indexes: list[int]) -> None:
-    from tasks_app.tasks import data_batch_task, data_merge_task
+    """Send one batch task per index, and the merge once they are all done (a chord).
 
+    The Celery tasks are named, not imported: ``tasks_app.tasks`` runs this module, so this
+    module does not import it back; the app resolves the names to the registered tasks.
+    """
+    from queueworker.celery import app
+
+    batch_task, merge_task = "tasks_app.data_batch", "tasks_app.data_merge"
     header = [
-        data_batch_task.si(str(task.id), index).set(queue=task.queue, priority=task.priority)
+        app.signature(batch_task, (str(task.id), index), immutable=True).set(
+            queue=task.queue, priority=task.priority
+        )
         for index in indexes
     ]
-    callback = data_merge_task.si(str(task.id), task.attempt).set(
+    callback = app.signature(merge_task, (str(task.id), task.attempt), immutable=True).set(
         queue=task.queue, priority=task.priority
     )
     try:

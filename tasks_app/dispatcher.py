@@ -101,6 +101,15 @@ def status() -> str:
     return f"last ran {age:.0f} s ago on {lease.holder}"
 
 
+def health_check() -> str:
+    """The ``dispatcher`` check of the health endpoints (``TasksAppConfig.ready()`` registers
+    it with ``queueworker.health``): ``status()`` in a check's own thread."""
+    try:
+        return status()  # "last ran 2 s ago on …", or raises naming what is wrong
+    finally:
+        connections.close_all()  # a thread's own connection; do not leave it open
+
+
 class Dispatcher:
     """One process's candidate: ``run_once`` is a pass; ``start`` runs passes in a thread."""
 

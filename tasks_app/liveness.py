@@ -11,7 +11,7 @@ Under prefork the holder is the pool child: a SIGKILLed child stops beating whil
 lives on. A child whose parent died stops beating too: its result can no longer be
 acknowledged, and the task is run again elsewhere (a late completion is fenced out). Under
 ``-P solo`` and ``-P threads`` the worker process itself is the holder of every task it runs,
-whichever thread claimed it (``queueworker.worker_signals`` starts its heartbeat): a SIGKILL
+whichever thread claimed it (``tasks_app.worker_signals`` starts its heartbeat): a SIGKILL
 stops the beat and all of its tasks are recovered after one lease.
 """
 

@@ -1,4 +1,6 @@
-"""Aggregates over tasks and workflow runs, for ``GET /api/metrics/`` and ``GET /metrics``.
+"""Aggregates over tasks, for ``GET /api/metrics/`` and ``GET /metrics``: the engine's
+contribution to the project's metrics (``queueworker.metrics``), registered by
+``TasksAppConfig.ready()`` as the section ``task_summary`` and the collector ``TaskCollector``.
 
 Each figure is one aggregate query, one pass over a table or an index; nothing is counted in
 process memory, so every web process answers the same whatever ran where:
@@ -15,19 +17,22 @@ process memory, so every web process answers the same whatever ran where:
 5. ``dead_letters``: FAILED tasks by ``failure_class`` (the partial index ``task_dead_letter``),
    and the refused messages recorded from ``tasks.dead_letter``;
 6. ``oldest_waiting_age_s``: the oldest due PENDING/RETRYING task (the partial index
-   ``task_waiting_due``);
-7. ``run_counts``: workflow runs by status.
+   ``task_waiting_due``).
+
+Workflow runs are counted by ``workflows_app.metrics``. Compensations stay here: they are
+COMPENSATION tasks with a run, counted by the same scan as every task group.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
 from django.db.models import (
@@ -44,11 +49,18 @@ from django.db.models import (
     Sum,
 )
 from django.utils import timezone
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
+from queueworker.metrics import PREFIX, gauge
+from tasks_app.handlers.registry import registry as handlers
 from tasks_app.models import DeadLetterMessage, FailureClass, Task, TaskStatus
 from tasks_app.selectors import task_queryset
-from workflows_app.models import RunStatus, WorkflowRun
-from workflows_app.selectors import run_queryset
 
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900}
 PERCENTILE_WINDOW_S = 900
@@ -58,7 +70,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800,
 )  # fmt: skip
 STATUSES: tuple[str, ...] = tuple(TaskStatus.values)
-RUN_STATUSES: tuple[str, ...] = tuple(RunStatus.values)
 FAILURE_CLASSES: tuple[str, ...] = tuple(FailureClass.values)
 COMPENSATION = "COMPENSATION"
 
@@ -275,19 +286,8 @@ def oldest_waiting_age_s(tasks: QuerySet[Task], now: datetime) -> float:
     return max(0.0, (now - min(since)).total_seconds()) if since else 0.0
 
 
-def run_counts(runs: QuerySet[WorkflowRun]) -> dict[str, int]:
-    """Workflow runs by status, every status present."""
-    counts = dict.fromkeys(RUN_STATUSES, 0)
-    for row in runs.order_by().values("status").annotate(n=Count("*")):
-        counts[row["status"]] = row["n"]
-    return counts
-
-
-def metrics_summary(
-    user: AbstractBaseUser | AnonymousUser, now: datetime | None = None
-) -> dict[str, Any]:
-    """The figures of ``GET /api/metrics/``: the caller's own tasks and runs, all for staff."""
-    now = now or timezone.now()
+def task_summary(user: AbstractBaseUser | AnonymousUser, now: datetime) -> dict[str, Any]:
+    """The engine's figures of ``GET /api/metrics/``: the caller's own tasks, all for staff."""
     tasks = task_queryset(user)
     by_status = dict.fromkeys(STATUSES, 0)
     by_type: dict[str, int] = defaultdict(int)
@@ -304,8 +304,6 @@ def metrics_summary(
     # Refused messages have no owner: staff only, as at /api/queues/dead-letter/messages/.
     letters = dead_letters(tasks, DeadLetterMessage.objects.all() if staff else None)
     return {
-        "scope": "all" if staff else "own",
-        "generated_at": now,
         "tasks": {
             "total": sum(by_status.values()),
             "by_status": by_status,
@@ -319,6 +317,115 @@ def metrics_summary(
         },
         "dead_letters": {"total": sum(letters.values()), "by_failure_class": letters},
         "oldest_pending_age_s": oldest_waiting_age_s(tasks, now),
-        "workflow_runs": {"by_status": run_counts(run_queryset(user))},
         "compensations": {"by_status": compensations},
     }
+
+
+# --- the Prometheus exposition -----------------------------------------------------------------
+
+# queueworker_tasks_<name>_total -> its help
+_TASK_COUNTERS = {
+    "created": "Tasks created (rows of the task table).",
+    "started": "Tasks claimed by a worker at least once (started_at set).",
+    "completed": "Tasks that are COMPLETED.",
+    "failed": "Tasks that are FAILED (dead letters); a redrive or retry takes one out.",
+    "retried": "Retries of the tasks (the sum of their retries; reset by a redrive or retry).",
+}
+
+
+class TaskCollector:
+    """The task figures of ``GET /metrics``, read at ``collect()`` time: five grouped queries.
+
+    The counters are derived from the task table (created = rows, started = ``started_at``
+    set, completed/failed = status, retried = the sum of ``retries``). A task sent back to
+    PENDING by a retry or a redrive leaves FAILED and has its ``retries`` reset, so
+    ``failed_total`` and ``retried_total`` may dip: ``rate()`` reads a dip as a counter reset
+    (see README "Metrics").
+    """
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not query anything
+
+    def collect(self) -> Iterator[Metric]:
+        now = timezone.now()
+        tasks = Task.objects.all()
+        yield from self._task_families(task_groups(tasks))
+        yield self._duration_histogram(duration_histogram(tasks))
+        yield gauge(
+            "dead_letters",
+            "Dead letters by failure_class: FAILED tasks, and the messages workers refused.",
+            "failure_class",
+            dead_letters(tasks, DeadLetterMessage.objects.all()),
+        )
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_oldest_pending_age_seconds",
+            "How long the oldest due PENDING/RETRYING task has waited since it was due.",
+        )
+        oldest.add_metric([], oldest_waiting_age_s(tasks, now))
+        yield oldest
+
+    def _task_families(self, groups: list[TaskGroup]) -> Iterator[Metric]:
+        # Every registered type appears (at 0) on its configured queue, so series never vanish.
+        zero = {"created": 0, "started": 0, "completed": 0, "failed": 0, "retried": 0}
+        totals: dict[tuple[str, str], dict[str, int]] = {
+            (task_type, _queue_of(task_type)): dict(zero) for task_type in handlers.types()
+        }
+        by_status: dict[tuple[str, str], dict[str, int]] = {
+            key: dict.fromkeys(STATUSES, 0) for key in totals
+        }
+        compensations = dict.fromkeys(STATUSES, 0)
+        for group in groups:
+            key = (group.type, group.queue)
+            row = totals.setdefault(key, dict(zero))
+            row["created"] += group.count
+            row["started"] += group.started
+            row["retried"] += group.retries
+            if group.status == "COMPLETED":
+                row["completed"] += group.count
+            elif group.status == "FAILED":
+                row["failed"] += group.count
+            statuses = by_status.setdefault(key, dict.fromkeys(STATUSES, 0))
+            statuses[group.status] = statuses.get(group.status, 0) + group.count
+            if group.type == COMPENSATION:
+                compensations[group.status] = compensations.get(group.status, 0) + group.in_run
+        for name, documentation in _TASK_COUNTERS.items():
+            counter = CounterMetricFamily(
+                f"{PREFIX}_tasks_{name}", documentation, labels=["type", "queue"]
+            )
+            for (task_type, queue), row in sorted(totals.items()):
+                counter.add_metric([task_type, queue], row[name])
+            yield counter
+        now_by_status = GaugeMetricFamily(
+            f"{PREFIX}_tasks", "Tasks by status now.", labels=["type", "queue", "status"]
+        )
+        for (task_type, queue), statuses in sorted(by_status.items()):
+            for status, count in statuses.items():
+                now_by_status.add_metric([task_type, queue, status], count)
+        yield now_by_status
+        yield gauge(
+            "compensations",
+            "Compensation tasks of workflow runs (sagas) by status.",
+            "status",
+            compensations,
+        )
+
+    def _duration_histogram(self, histograms: dict[str, Histogram]) -> Metric:
+        family = HistogramMetricFamily(
+            f"{PREFIX}_task_duration_seconds",
+            "finished_at - started_at of COMPLETED tasks (from the first claim, retries included).",
+            labels=["type"],
+        )
+        empty = Histogram((0,) * len(DURATION_BUCKETS), 0, 0.0)
+        for task_type in sorted(set(handlers.types()) | set(histograms)):
+            histogram = histograms.get(task_type, empty)
+            buckets: list[tuple[str, float]] = [
+                (floatToGoString(bound), count)
+                for bound, count in zip(DURATION_BUCKETS, histogram.buckets, strict=True)
+            ]
+            buckets.append(("+Inf", histogram.count))
+            family.add_metric([task_type], buckets, histogram.sum_s)
+        return family
+
+
+def _queue_of(task_type: str) -> str:
+    return str(settings.QW_TYPE_ROUTES.get(task_type, settings.CELERY_TASK_DEFAULT_QUEUE))

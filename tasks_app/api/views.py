@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import django_filters
 from django.contrib.auth.models import User
@@ -19,7 +19,6 @@ from queueworker.errors import Gone, InvalidInput, InvalidTransition
 from tasks_app import artifacts, selectors, services
 from tasks_app.api.serializers import (
     NoInput,
-    StrictSerializer,
     TaskBulkCreateInput,
     TaskBulkCreateOutput,
     TaskCreateInput,
@@ -64,21 +63,6 @@ class TaskFilter(django_filters.FilterSet):
         ]
 
 
-class CompensateInput(StrictSerializer):
-    action = serializers.JSONField(
-        required=False,
-        help_text="{type, payload}: the undo action, when the task's step declares none.",
-    )
-
-    def validate_action(self, value: Any) -> Any:
-        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-            raise serializers.ValidationError("Must be an object {type, payload}.")
-        unknown = sorted(set(value) - {"type", "payload", "max_retries"})
-        if unknown:
-            raise serializers.ValidationError(f"Unknown fields: {', '.join(unknown)}.")
-        return value
-
-
 class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     """Tasks: create, list, inspect, cancel, retry. Every action is scoped to its caller."""
 
@@ -87,8 +71,8 @@ class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
     ordering = ["-created_at"]
     throttle_classes = [CreateThrottle]
     throttle_scope = "create"
-    # Retry and compensate start tasks too, so they count against the same rate.
-    throttled_actions = ("create", "bulk", "retry", "compensate")
+    # Retry starts tasks too, so it counts against the same rate (as does workflows' compensate).
+    throttled_actions = ("create", "bulk", "retry")
     lookup_value_converter = "uuid"
 
     def get_queryset(self) -> QuerySet[Task]:
@@ -207,30 +191,6 @@ class TaskViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
         return Response(
             TaskDetailOutput(result.task).data,
             status=status.HTTP_202_ACCEPTED if result.requested else status.HTTP_200_OK,
-        )
-
-    @extend_schema(
-        request=CompensateInput,
-        responses={
-            201: TaskDetailOutput,
-            400: OpenApiResponse(description="No declared compensation and no action given."),
-            409: OpenApiResponse(description="Not COMPLETED, or already compensated."),
-        },
-    )
-    @action(detail=True, methods=["post"], filter_backends=[])
-    def compensate(self, request: Request, pk: str | None = None) -> Response:
-        """Undo a COMPLETED task: its step's declared compensation, or ``{action}``."""
-        from workflows_app.services import task_compensate
-
-        body = CompensateInput(data=request.data)
-        body.is_valid(raise_exception=True)
-        created = task_compensate(
-            task=self.get_object(), by=self._by(), action=body.validated_data.get("action")
-        )
-        return Response(
-            TaskDetailOutput(created, context={"created": True}).data,
-            status=status.HTTP_201_CREATED,
-            headers={"Location": f"/api/tasks/{created.id}/"},
         )
 
     @extend_schema(

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import polars as pl
 
-from tasks_app.data import global_ops
+import tasks_app.data.global_ops as global_ops
 from tasks_app.data.cast import cast
 from tasks_app.data.core import (
     OP,

@@ -179,7 +179,7 @@ def test_beat_with_the_django_scheduler_runs_the_projects_and_dispatches(api, tm
         beat.wait_for_output("beat: Starting...")
 
         # then it says that it runs the project's scheduler, and it dispatches due work
-        beat.wait_for_output("running tasks_app.scheduler:QueueWorkerScheduler")
+        beat.wait_for_output("running workflows_app.scheduler:QueueWorkerScheduler")
         body = {"type": "NOOP", "delay_ms": 200}
         task_id = api.post("/api/tasks/", body, format="json").json()["id"]
         wait_for(lambda: Task.objects.get(pk=task_id).dispatched_at is not None, timeout=15)

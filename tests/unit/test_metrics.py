@@ -13,6 +13,7 @@ from django.utils import timezone
 from kombu import pools
 from prometheus_client.parser import text_string_to_metric_families
 
+from queueworker import metrics as project_metrics
 from queueworker.celery import app
 from tasks_app import dispatch, metrics
 from tasks_app.models import DeadLetterMessage, Task, TaskStatus
@@ -91,7 +92,7 @@ def known(db):
 
 
 def test_summary_for_staff_covers_every_task_and_run(known):
-    summary = metrics.metrics_summary(UserFactory(is_staff=True, password=None), known["now"])
+    summary = project_metrics.summary(UserFactory(is_staff=True, password=None), known["now"])
 
     assert summary["scope"] == "all"
     tasks = summary["tasks"]
@@ -126,7 +127,7 @@ def test_summary_for_staff_covers_every_task_and_run(known):
 
 
 def test_summary_windows_give_throughput_error_and_retry_rates(known):
-    windows = metrics.metrics_summary(UserFactory(is_staff=True, password=None), known["now"])[
+    windows = project_metrics.summary(UserFactory(is_staff=True, password=None), known["now"])[
         "windows"
     ]
 
@@ -146,7 +147,7 @@ def test_summary_windows_give_throughput_error_and_retry_rates(known):
 
 
 def test_summary_percentiles_and_oldest_due_task(known):
-    summary = metrics.metrics_summary(UserFactory(is_staff=True, password=None), known["now"])
+    summary = project_metrics.summary(UserFactory(is_staff=True, password=None), known["now"])
 
     noop = summary["durations"]["by_type"]["NOOP"]
     # 1, 2, 4, 8 s (the hour-old one is outside the window)
@@ -160,7 +161,7 @@ def test_summary_percentiles_and_oldest_due_task(known):
 
 
 def test_summary_for_a_user_covers_only_their_own(known):
-    summary = metrics.metrics_summary(known["bob"], known["now"])
+    summary = project_metrics.summary(known["bob"], known["now"])
 
     assert summary["scope"] == "own"
     assert summary["tasks"]["total"] == 2
@@ -176,7 +177,7 @@ def test_summary_for_a_user_covers_only_their_own(known):
 
 
 def test_summary_of_an_empty_database_is_zeros_and_nulls(db):
-    summary = metrics.metrics_summary(UserFactory(is_staff=True, password=None))
+    summary = project_metrics.summary(UserFactory(is_staff=True, password=None))
 
     assert summary["tasks"]["total"] == 0
     assert set(summary["tasks"]["by_status"].values()) == {0}

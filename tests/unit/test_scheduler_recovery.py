@@ -12,10 +12,11 @@ from django.db import OperationalError
 from django.utils import timezone
 from django_celery_beat.schedulers import DatabaseScheduler
 
-from tasks_app import dispatcher, liveness, recovery, scheduler, worker
+from tasks_app import dispatcher, liveness, recovery, worker
 from tasks_app.dispatcher import FAILURE_REPORT_S, Dispatcher
 from tasks_app.models import DispatcherLease, Task, TaskStatus, WorkerHeartbeat
 from tests.unit._helpers import make_task
+from workflows_app import scheduler
 
 
 class Clock:

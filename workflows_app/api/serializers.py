@@ -110,3 +110,18 @@ class RunDetailOutput(RunOutput):
         data["steps"] = RunStepOutput(steps, many=True).data
         data["compensations"] = RunCompensationOutput(compensations, many=True).data
         return data
+
+
+class CompensateInput(StrictSerializer):
+    action = serializers.JSONField(
+        required=False,
+        help_text="{type, payload}: the undo action, when the task's step declares none.",
+    )
+
+    def validate_action(self, value: Any) -> Any:
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise serializers.ValidationError("Must be an object {type, payload}.")
+        unknown = sorted(set(value) - {"type", "payload", "max_retries"})
+        if unknown:
+            raise serializers.ValidationError(f"Unknown fields: {', '.join(unknown)}.")
+        return value

@@ -13,9 +13,12 @@ from rest_framework.response import Response
 
 from queueworker.api import CreateThrottle
 from queueworker.db_router import ReplicaReadsMixin
-from tasks_app.api.serializers import NoInput
+from tasks_app import selectors as task_selectors
+from tasks_app.api.serializers import NoInput, TaskDetailOutput
+from tasks_app.models import Task
 from workflows_app import selectors, services
 from workflows_app.api.serializers import (
+    CompensateInput,
     RunDetailOutput,
     RunOutput,
     RunStartInput,
@@ -175,3 +178,45 @@ class WorkflowRunViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
         NoInput(data=request.data).is_valid(raise_exception=True)
         run = services.run_retry(run=self.get_object(), by=request.user.get_username())
         return Response(RunDetailOutput(run).data, status=status.HTTP_202_ACCEPTED)
+
+
+class TaskCompensateViewSet(ReplicaReadsMixin, viewsets.GenericViewSet):
+    """``POST /api/tasks/{id}/compensate/``: a saga's undo, applied to one task by hand.
+
+    Compensation is workflows' business (a step's declared compensation, the run's log), so the
+    view lives here while the route stays at the task's path; the engine's ``TaskViewSet``
+    answers every other task route. It scopes tasks to the caller as that view does (another
+    caller's task is a 404) and counts against the same create rate.
+    """
+
+    throttle_classes = [CreateThrottle]
+    throttle_scope = "create"
+    throttled_actions = ("compensate",)
+    lookup_value_converter = "uuid"
+
+    def get_queryset(self) -> QuerySet[Task]:
+        return task_selectors.task_queryset(self.request.user).select_related("owner")
+
+    @extend_schema(
+        request=CompensateInput,
+        responses={
+            201: TaskDetailOutput,
+            400: OpenApiResponse(description="No declared compensation and no action given."),
+            409: OpenApiResponse(description="Not COMPLETED, or already compensated."),
+        },
+    )
+    @action(detail=True, methods=["post"], filter_backends=[])
+    def compensate(self, request: Request, pk: str | None = None) -> Response:
+        """Undo a COMPLETED task: its step's declared compensation, or ``{action}``."""
+        body = CompensateInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        created = services.task_compensate(
+            task=self.get_object(),
+            by=request.user.get_username(),
+            action=body.validated_data.get("action"),
+        )
+        return Response(
+            TaskDetailOutput(created, context={"created": True}).data,
+            status=status.HTTP_201_CREATED,
+            headers={"Location": f"/api/tasks/{created.id}/"},
+        )

@@ -306,7 +306,7 @@ def test_slots_are_deterministic_from_last_run_at(api):
 
 @pytest.mark.django_db
 def test_beat_uses_the_dst_correct_cron_for_our_schedules(api):
-    from tasks_app.scheduler import QueueWorkerEntry
+    from workflows_app.scheduler import QueueWorkerEntry
 
     periodic = _schedule(api).periodic_task
     entry = QueueWorkerEntry(periodic)

@@ -1,3 +1,6 @@
+"""The engine's API under ``/api/``: tasks, queues and dead letters (``queueworker/urls.py``
+includes it). Routes of the apps built on the engine live in their own ``urls.py``."""
+
 from __future__ import annotations
 
 from django.urls import path
@@ -10,8 +13,6 @@ from tasks_app.api.queues import (
     QueuePurgeView,
 )
 from tasks_app.api.views import TaskViewSet
-from workflows_app.api.schedules import ScheduleViewSet
-from workflows_app.api.views import WorkflowRunViewSet, WorkflowViewSet
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
@@ -20,9 +21,6 @@ router.register(
     "queues/dead-letter/messages", DeadLetterMessageViewSet, basename="dead-letter-message"
 )
 router.register("queues/dead-letter", DeadLetterViewSet, basename="dead-letter")
-router.register("workflows", WorkflowViewSet, basename="workflow")
-router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
-router.register("schedules", ScheduleViewSet, basename="schedule")
 
 urlpatterns = [
     path("queues/", QueueListView.as_view(), name="queue-list"),

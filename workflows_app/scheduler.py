@@ -6,6 +6,10 @@
 (on ``beat_init``) runs this class in its place, and refuses any other scheduler. The
 dispatcher and the recovery sweep are not the scheduler's: they run in every worker and beat,
 one at a time (``tasks_app.dispatcher``).
+
+It lives with the schedules it fires: the engine knows nothing of them, and
+``WorkflowsAppConfig.ready()`` registers ``ensure_project_scheduler`` as a check beat runs
+before it becomes a dispatcher candidate (``tasks_app.worker_signals.register_beat_check``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 from django.db.models import Q
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
+from workflows_app.schedules import FIRE_TASK, beat_schedule_for, slot_for
+
 logger = logging.getLogger(__name__)
 
-PROJECT_SCHEDULER = "tasks_app.scheduler:QueueWorkerScheduler"
+PROJECT_SCHEDULER = "workflows_app.scheduler:QueueWorkerScheduler"
 
 
 class QueueWorkerEntry(ModelEntry):
@@ -26,8 +32,6 @@ class QueueWorkerEntry(ModelEntry):
 
     def __init__(self, model: Any, app: Any = None) -> None:
         super().__init__(model, app=app)
-        from workflows_app.schedules import beat_schedule_for
-
         local = beat_schedule_for(model)
         if local is not None:
             self.schedule = local
@@ -52,8 +56,6 @@ class QueueWorkerScheduler(DatabaseScheduler):
     ) -> Any:
         """A schedule fire carries its slot: the due time of this fire, from the entry's
         previous ``last_run_at`` (so a restarted beat computes the same slot)."""
-        from workflows_app.schedules import FIRE_TASK, slot_for
-
         if entry.task != FIRE_TASK:
             return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
         slot = slot_for(entry.model, entry.last_run_at)
