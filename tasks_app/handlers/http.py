@@ -186,7 +186,11 @@ def task_problems(payload: Any, *, timeout_s: int) -> list[tuple[str, str]]:
 
 
 @register(
-    "HTTP_REQUEST", schema=SCHEMA, extra_validator=validate_payload, task_validator=task_problems
+    "HTTP_REQUEST",
+    schema=SCHEMA,
+    extra_validator=validate_payload,
+    task_validator=task_problems,
+    io_bound=True,  # bounded by its own deadline below, so it may run in a pool thread
 )
 def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Make one HTTP request (any method, headers, params, JSON or raw body, bearer or basic
