@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExec
 from typing import TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,7 +49,7 @@ THREAD_NAME = "qw-io"
 CONNECTION_CHECK_S = 1.0
 
 _lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
 _local = threading.local()
 
 
@@ -64,9 +64,36 @@ def executor() -> ThreadPoolExecutor:
     pid = os.getpid()
     with _lock:
         if _pool is None or _pool[0] != pid:
-            pool = ThreadPoolExecutor(max_workers=limit(), thread_name_prefix=THREAD_NAME)
-            _pool = (pid, pool)
-        return _pool[1]
+            size = limit()
+            _pool = (
+                pid,
+                size,
+                ThreadPoolExecutor(max_workers=size, thread_name_prefix=THREAD_NAME),
+            )
+        return _pool[2]
+
+
+def shutdown() -> None:
+    """Close the database connections of every thread of this process's pool and stop it.
+
+    A process's end closes them anyway; a process that goes on (a test session, whose
+    database is dropped at its end) must not leave them open.
+    """
+    global _pool
+    with _lock:
+        current, _pool = _pool, None
+    if current is None or current[0] != os.getpid():
+        return
+    _, size, pool = current
+    barrier = threading.Barrier(size)  # one call per thread: each waits for all the others
+
+    def close() -> None:
+        connections.close_all()
+        barrier.wait(timeout=10)
+
+    for future in [pool.submit(close) for _ in range(size)]:
+        future.result()
+    pool.shutdown(wait=True)
 
 
 def in_task_thread(call: Callable[[], R]) -> Callable[[], R]:
