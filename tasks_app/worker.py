@@ -520,6 +520,9 @@ def run_batch(
                     _run_together(together, completions, report)
                     running_s += time.monotonic() - now  # the wall time: they overlapped
                     ran += len(together)
+                    # The next sub-batch keeps every thread busy (the budget still caps it):
+                    # each sub-batch ends when its slowest task does.
+                    size = max(size, concurrent.limit())
                 checked = time.monotonic()
                 for index, task in enumerate(alone):
                     now = time.monotonic()
