@@ -4,7 +4,8 @@
 
 1. Isolation as ``make bench`` does it (``bench.services``): the run's own vhost and database,
    gunicorn, one worker on every queue, started as the deployment starts the http.request group
-   (``-P threads -c 32``; ``--pool prefork --concurrency 2`` is the former setup), with
+   (``-P prefork -c 2``, each child running a message's requests ``QW_HTTP_CONCURRENCY`` at a
+   time; ``--pool threads --concurrency 32`` is the former setup), with
    ``QW_HTTP_ALLOWED_HOSTS`` naming a
    loopback server that answers at once (the standard library's ``ThreadingHTTPServer``,
    HTTP/1.1 keep-alive, in its own process, counting the TCP connections it accepts).
@@ -14,7 +15,8 @@
    ``requests.Session``: calls/s, and the ratio of the two.
 
 Connections accepted by the server show whether the worker reused them: a new connection per
-task would count ``N``; reuse counts one per worker process (prefork) or per thread (threads).
+task would count ``N``; reuse counts one per thread that ran HTTP tasks (``QW_HTTP_CONCURRENCY``
+per prefork child, or per ``-P threads`` thread).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from bench.scenarios import TASK_TABLE, Api
 from bench.services import BenchError, Isolation, Processes
 
 # As compose.yaml and deploy/base/worker-http.yaml start the http.request group.
-POOL = "threads"
-CONCURRENCY = 32
+POOL = "prefork"
+CONCURRENCY = 2
 POOLS = ("threads", "prefork", "solo")
 WEB_WORKERS = 2
 BATCH = 1000

@@ -278,6 +278,9 @@ QW_HTTP_MAX_TIMEOUT_S = env.float("QW_HTTP_MAX_TIMEOUT_S", 300.0, minimum=0.001)
 QW_HTTP_RESPONSE_BYTES = env.int("QW_HTTP_RESPONSE_BYTES", 1024 * 1024, minimum=0)
 QW_HTTP_MAX_RESPONSE_BYTES = env.int("QW_HTTP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024, minimum=0)
 QW_HTTP_MAX_REDIRECTS = env.int("QW_HTTP_MAX_REDIRECTS", 5, minimum=0, maximum=30)
+# HTTP_REQUEST tasks of one message run this many at a time in each worker process's thread
+# pool (tasks_app.concurrent); 1 runs them one after another on the message's own thread.
+QW_HTTP_CONCURRENCY = env.int("QW_HTTP_CONCURRENCY", 16, minimum=1, maximum=256)
 if not QW_HTTP_TIMEOUT_S <= QW_HTTP_MAX_TIMEOUT_S <= QW_MAX_TIMEOUT_S:
     raise ImproperlyConfigured(
         "QW_HTTP_TIMEOUT_S <= QW_HTTP_MAX_TIMEOUT_S <= QW_MAX_TIMEOUT_S must hold, got "

@@ -35,7 +35,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections, transaction
 
 from queueworker import logcontext
-from tasks_app import dispatch, hooks, liveness, state
+from tasks_app import concurrent, dispatch, hooks, liveness, state
 from tasks_app.backoff import backoff_delay
 from tasks_app.errors import Deferred, PermanentError, RetryableError, TaskCancelled
 from tasks_app.handlers.registry import registry  # the package registers the built-ins
@@ -480,6 +480,10 @@ def run_batch(
     """Run the tasks of one message: claim them lazily in sub-batches, run each handler under
     its own time limit, write the completions together.
 
+    Tasks of a type registered ``io_bound`` (HTTP_REQUEST) run up to ``QW_HTTP_CONCURRENCY``
+    at a time in the process's thread pool (``_run_together``), bounded by their own handler's
+    deadline; the others run one after another on this thread under ``handler_time_limit``.
+
     A sub-batch is sized from the handlers' durations so far, so that it ends within the
     budget. Past ``budget_s`` the ids not yet claimed are published as a new message and this
     one ends: a message never holds its consumer for long. A claimed task whose outcome is not
@@ -522,21 +526,26 @@ def run_batch(
                     report.outcomes["skipped"] += len(chunk) - len(tasks)
                 order = {task_id: index for index, task_id in enumerate(chunk)}
                 tasks.sort(key=lambda t: order.get(str(t.id), 0))
+                together, alone = _split_io_bound(tasks)
+                if together:
+                    now = time.monotonic()
+                    _run_together(together, completions, report)
+                    running_s += time.monotonic() - now  # the wall time: they overlapped
+                    ran += len(together)
+                    # The next sub-batch keeps every thread busy (the budget still caps it):
+                    # each sub-batch ends when its slowest task does.
+                    size = max(size, concurrent.limit())
                 checked = time.monotonic()
-                for index, task in enumerate(tasks):
+                for index, task in enumerate(alone):
                     now = time.monotonic()
                     if now - checked >= CANCEL_REFRESH_S:
-                        _refresh_cancels(tasks[index:])
+                        _refresh_cancels(alone[index:])
                         checked = now
                     with logcontext.bind(task_id=str(task.id)):
                         outcome = run_claimed(task, completions=completions, time_limit=True)
                     running_s += time.monotonic() - now
                     ran += 1
-                    report.outcomes[
-                        outcome.status if outcome.detail != "buffered" else "buffered"
-                    ] += 1
-                    if completions.due():
-                        completions.flush()
+                    _count(report, outcome, completions)
     finally:
         completions.close()
     if completions._error is not None:
@@ -550,6 +559,62 @@ def run_batch(
     report.writes = completions.writes
     report.seconds = time.monotonic() - started
     return report
+
+
+def _count(report: BatchReport, outcome: Outcome, completions: Completions) -> None:
+    """Count an outcome (a buffered completion once written) and write what is due."""
+    report.outcomes[outcome.status if outcome.detail != "buffered" else "buffered"] += 1
+    if completions.due():
+        completions.flush()
+
+
+def _split_io_bound(tasks: list[Task]) -> tuple[list[Task], list[Task]]:
+    """The tasks to run together (their type is registered ``io_bound`` and the process runs
+    more than one at a time, ``QW_HTTP_CONCURRENCY``) and those to run one after another."""
+    if concurrent.limit() <= 1:
+        return [], tasks
+    together: list[Task] = []
+    alone: list[Task] = []
+    for task in tasks:
+        spec = registry.get(task.type)
+        (together if spec is not None and spec.io_bound else alone).append(task)
+    return together, alone
+
+
+def _run_together(tasks: list[Task], completions: Completions, report: BatchReport) -> None:
+    """Run claimed I/O-bound tasks at most ``QW_HTTP_CONCURRENCY`` at a time in the process's
+    pool (``tasks_app.concurrent``), counting each outcome on this thread as it finishes.
+
+    Each task is what ``run_claimed`` makes of it alone: fenced by its own attempt, its
+    completion buffered in ``completions`` (whose ``add`` takes its lock), its log fields bound
+    in its own context. Its handler runs without the SIGALRM limit, which cannot reach a pool
+    thread: an ``io_bound`` handler bounds its own waits by the task's ``timeout_s``. Cancels are
+    read again for the tasks still waiting for a thread, as between handlers run one by one.
+    """
+    checked = time.monotonic()
+
+    def before_start(waiting: Sequence[Task]) -> None:
+        nonlocal checked
+        now = time.monotonic()
+        if now - checked >= CANCEL_REFRESH_S:
+            _refresh_cancels(waiting)
+            checked = now
+
+    def start(task: Task) -> Callable[[], Outcome]:
+        def call() -> Outcome:
+            with logcontext.bind(task_id=str(task.id)):
+                return run_claimed(task, completions=completions)
+
+        return concurrent.in_task_thread(call)
+
+    concurrent.run_bounded(
+        tasks,
+        start,
+        on_done=lambda task, outcome: _count(report, outcome, completions),
+        most=concurrent.limit(),
+        pool=concurrent.executor(),
+        before_start=before_start,
+    )
 
 
 def _refresh_cancels(tasks: Sequence[Task]) -> None:

@@ -13,9 +13,11 @@
    every connection, redirects are followed up to ``QW_HTTP_MAX_REDIRECTS`` (never to another
    origin while the request carries a secret; bindings checked per hop), the body is read
    up to ``max_response_bytes``. The task's ``timeout_s`` bounds the whole exchange (connect,
-   every read, every hop, the body), whatever the pool: under ``-P threads`` Celery has no time
-   limits, so the transport keeps the deadline and its end fails the attempt as a timeout
-   (failure class ``timeout``, as Celery's soft limit does under prefork). Every request
+   every read, every hop, the body), whatever the pool: under ``-P threads``, and in the
+   process's pool that runs a message's HTTP tasks together (the type is registered
+   ``io_bound``, ``tasks_app.concurrent``), no signal reaches the thread, so the transport keeps
+   the deadline and its end fails the attempt as a timeout (failure class ``timeout``, as
+   Celery's soft limit does under prefork). Every request
    carries ``Idempotency-Key: qw-<task id>``, the same on every retry, unless the payload sets
    its own.
 5. The outcome: an expected status → the result; ``retry_on_status``, connection errors and
@@ -186,7 +188,11 @@ def task_problems(payload: Any, *, timeout_s: int) -> list[tuple[str, str]]:
 
 
 @register(
-    "HTTP_REQUEST", schema=SCHEMA, extra_validator=validate_payload, task_validator=task_problems
+    "HTTP_REQUEST",
+    schema=SCHEMA,
+    extra_validator=validate_payload,
+    task_validator=task_problems,
+    io_bound=True,  # bounded by its own deadline below, so it may run in a pool thread
 )
 def http_request(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Make one HTTP request (any method, headers, params, JSON or raw body, bearer or basic

@@ -61,6 +61,10 @@ class HandlerSpec:
     # A payload that is a whole document (a data pipeline): its errors are reported as one
     # list of "json.path: message" strings, as for a workflow definition (docs/api.md).
     document: bool = False
+    # The handler mostly waits on I/O (the network): a message's tasks of this type run several
+    # at a time in the process's thread pool (tasks_app.concurrent), where the SIGALRM time
+    # limit cannot reach them, so the handler must bound its own waits by the task's timeout_s.
+    io_bound: bool = False
     _validator: Draft202012Validator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +135,7 @@ class HandlerRegistry:
         task_validator: TaskValidator | None = None,
         owner_validator: OwnerValidator | None = None,
         document: bool = False,
+        io_bound: bool = False,
     ) -> Callable[[Handler], Handler]:
         if not _TYPE_NAME.match(task_type):
             raise ValueError(f"task type {task_type!r} must be UPPER_SNAKE_CASE, at most 64 chars")
@@ -147,6 +152,7 @@ class HandlerRegistry:
                 task_validator,
                 owner_validator,
                 document,
+                io_bound,
             )
             return func
 

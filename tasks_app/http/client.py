@@ -3,8 +3,9 @@
 One session per thread of a worker process (made lazily after the prefork or when a pool
 thread first runs a task, remade if the allow-list changes): connections to a host are kept
 alive and reused by the next task on that thread, and no two threads share a connection pool
-or a ``Session`` (which is not thread-safe). Under ``-P threads -c N`` a worker keeps at most
-about N connections to a busy host. ``trust_env`` is off (no
+or a ``Session`` (which is not thread-safe). A worker process keeps at most about one
+connection to a busy host per thread that runs HTTP tasks: ``QW_HTTP_CONCURRENCY`` for its pool
+(``tasks_app.concurrent``), plus one per ``-P threads`` thread. ``trust_env`` is off (no
 proxies, netrc or CA bundle from the environment) and cookies are never kept, so one task
 cannot see another's. Redirects are followed here, hop by hop, not by requests: each hop is a
 new request through the guarded transport, credentials are dropped when the origin changes,

@@ -1,5 +1,6 @@
-"""The http.request group as deployed (``-P threads``): a SIGKILLed worker's tasks come back
-after one lease, and the task's timeout_s still bounds a request."""
+"""The http.request group under ``-P threads`` (the former deployment, still supported; the
+shipped one is prefork with the in-process pool): a SIGKILLed worker's tasks come back after
+one lease, and the task's timeout_s still bounds a request."""
 
 from __future__ import annotations
 

@@ -209,10 +209,11 @@ def test_operator_ports_are_published_on_localhost_only():
         assert "ports" not in resolved["services"][name], name
 
 
-def test_the_http_worker_runs_a_thread_pool():
-    # HTTP_REQUEST waits on the network: many threads in one process, not two prefork children
+def test_the_http_worker_runs_a_prefork_child_per_core():
+    # HTTP_REQUEST waits on the network: each prefork child runs a message's requests together
+    # in its own thread pool (QW_HTTP_CONCURRENCY), and the children use both cores
     command = SERVICES["worker-http"]["command"]
-    assert command[command.index("-P") + 1] == "threads"
-    assert int(command[command.index("-c") + 1]) >= 16
+    assert command[command.index("-P") + 1] == "prefork"
+    assert int(command[command.index("-c") + 1]) == 2
     for name in ("worker-data", "worker-default"):
         assert "-P" not in SERVICES[name]["command"], name  # CPU-bound: prefork

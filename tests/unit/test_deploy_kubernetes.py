@@ -715,10 +715,10 @@ def test_renderer_merges_pod_lists_by_their_keys(tmp_path: Path):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_http_worker_runs_a_thread_pool(overlay):
+def test_the_http_worker_runs_a_prefork_child_per_core(overlay):
     resources = rendered(overlay)
     args = _container(resources, "queueworker-worker-http")["args"]
-    assert args[args.index("-P") + 1] == "threads"
-    assert int(args[args.index("-c") + 1]) >= 16
+    assert args[args.index("-P") + 1] == "prefork"
+    assert int(args[args.index("-c") + 1]) == 2
     for name in ("queueworker-worker-data", "queueworker-worker-default"):
         assert "-P" not in _container(resources, name)["args"], name
