@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from django.conf import settings
 from django.core.files import File
-from django.core.files.storage import Storage, storages
+from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
@@ -75,6 +75,12 @@ def save(name: str, file: IO[bytes]) -> tuple[str, int]:
     if store.exists(name):
         store.delete(name)
     return store.save(name, File(file, name=name)), size
+
+
+def is_local() -> bool:
+    """Whether the artifacts storage is a folder of this machine (not S3, say): a batch output
+    is written uncompressed there (see ``tasks_app.data.results``)."""
+    return isinstance(storage(), FileSystemStorage)
 
 
 @contextmanager

@@ -334,8 +334,10 @@ def batch_run(task_id: str, index: int) -> str:
         return batch_failed(task_id, index, str(exc))
     except pl.exceptions.PolarsError as exc:
         return batch_failed(task_id, index, f"operations: {type(exc).__name__}: {exc}")
+    compression: data.Compression = "uncompressed" if artifacts.is_local() else "lz4"
     name, _ = artifacts.write(
-        f"{artifacts.work_prefix(task_id)}/out/{index:06d}.batch", result.write
+        f"{artifacts.work_prefix(task_id)}/out/{index:06d}.batch",
+        lambda stream: result.write(stream, compression),
     )
     DataBatch.objects.filter(pk=batch.pk, status=BatchStatus.PENDING).update(
         status=BatchStatus.DONE, output=name, finished_at=timezone.now()
