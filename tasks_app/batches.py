@@ -179,13 +179,15 @@ def _csv_ranges(
     ]
 
 
-def _read_input(batch: DataBatch) -> pl.DataFrame:
-    """A batch's input: its staged Arrow file, or its byte range of a CSV file (a
-    ``DataError`` names what is wrong with its rows)."""
+def _read_input(batch: DataBatch, plan: data.Plan) -> pl.DataFrame:
+    """A batch's input: its staged Arrow file (only the columns ``plan`` needs), or its byte
+    range of a CSV file (a ``DataError`` names what is wrong with its rows)."""
     name, _, spans = batch.source.partition(RANGE_MARK)
     with artifacts.reading(name) as handle:
         if not spans:
-            return pl.read_ipc(handle)
+            columns = plan.input_columns(pl.read_ipc_schema(handle))
+            handle.seek(0)
+            return pl.read_ipc(handle, columns=columns)
         header, rows = spans.split(",")
         header_start, header_end = (int(value) for value in header.split("-"))
         start, end = (int(value) for value in rows.split("-"))
@@ -328,7 +330,7 @@ def batch_run(task_id: str, index: int) -> str:
         return f"skipped: the task is {task.status}"
     plan = data.Plan.from_operations(task.payload.get("operations", []))
     try:
-        frame = _read_input(batch)
+        frame = _read_input(batch, plan)
         result = plan.run_batch(frame, first_row=batch.first_row)
     except data.DataError as exc:
         return batch_failed(task_id, index, str(exc))
