@@ -34,6 +34,7 @@ _BLANK_AT_START = re.compile(rb"(?:(?<=\n)|^)\r?\n")
 _BLANK = re.compile(rb"(?<=\n)\r?\n")
 _MAYBE_BLANK = re.compile(rb"\n\r?\n")  # searched faster than ``in`` finds b"\n\n"
 _NEWLINES_ONLY = re.compile(rb"[\r\n]*")
+_NOT_MARKS = bytes(byte for byte in range(256) if byte not in b'"\n')  # ``translate`` drops
 
 
 def _record_end(buffer: bytes, start: int) -> int:
@@ -322,10 +323,15 @@ def _block_records(block: bytes, odd: bool) -> tuple[int, bool]:
     when the quotes before it since the last record end are even.
 
     A few passes over the bytes at C speed (a block without blank lines, the usual case, is
-    told by one regular-expression search; quoted text only by a split on its quotes).
+    told by one regular-expression search; quoted text only by a split on its quotes). Without
+    blank lines only where the quotes and newlines are matters: the split and the counts then
+    go over those alone (one ``translate``), not over many small pieces of the block (on a
+    CSV of 104 MB whose last field is often quoted: 190 ms of CPU against 110).
     """
-    newlines = block.count(b"\n")
     blanks = _MAYBE_BLANK.search(block) is not None or block.startswith((b"\n", b"\r\n"))
+    if not blanks:
+        block = block.translate(None, _NOT_MARKS)
+    newlines = block.count(b"\n")
     if b'"' not in block:
         if odd:
             return 0, True
