@@ -383,6 +383,7 @@ def merge_run(task_id: str, attempt: int) -> str:
         return worker.finish_failed(task, error, retryable=False).status
     if any(batch.status != BatchStatus.DONE for batch in rows):
         return "waiting"
+    _log_merge_start(task, rows)
     try:
         result = merge(task, task.payload, job, outputs=[batch.output for batch in rows])
     except PermanentError as exc:
@@ -391,6 +392,23 @@ def merge_run(task_id: str, attempt: int) -> str:
     if outcome == "completed":
         cleanup(task.id)  # only once the task is done: a stale merge must not take its batches
     return outcome
+
+
+def _log_merge_start(task: Task, rows: list[DataBatch]) -> None:
+    """Log when the merge starts and how long after the batches it does (the chord's callback
+    delivery: ``since_last_batch_s``), so that a task's log shows where its time went."""
+    now = timezone.now()
+    done = sorted(batch.finished_at for batch in rows if batch.finished_at is not None)
+    since = {
+        "since_first_batch_s": round((now - done[0]).total_seconds(), 3) if done else None,
+        "since_last_batch_s": round((now - done[-1]).total_seconds(), 3) if done else None,
+    }
+    TaskLog.objects.create(
+        task=task,
+        event="merge_started",
+        message=f"{len(rows)} batches done, the last {since['since_last_batch_s']} s ago",
+        data={"batches": len(rows), **since, "attempt": task.attempt},
+    )
 
 
 def merge(

@@ -193,6 +193,10 @@ def test_batches_then_merge_equal_a_single_batch_run(
     reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
     assert task.result["rows"] == data.to_records(reference.frame)
     assert task.result["stats"]["batches"] == 7
+    # the log tells when the merge started, and how long after the last batch
+    started = TaskLog.objects.get(task=task, event="merge_started")
+    assert started.data["batches"] == 7
+    assert 0 <= started.data["since_last_batch_s"] <= started.data["since_first_batch_s"]
     # the staged work is gone once the task is done
     assert not DataJob.objects.filter(task=task).exists()
     assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
