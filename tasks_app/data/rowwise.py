@@ -98,6 +98,8 @@ def reject(
     kept = None
     if mode == "collect":
         kept = invalid.with_columns(pl.lit(index, dtype=pl.Int64).alias(OP))
+    if not invalid.height and not valid.null_count():
+        return frame, Rejected(0, samples, kept)  # every row valid: no copy of them
     return frame.filter(valid), Rejected(invalid.height, samples, kept)
 
 
