@@ -98,7 +98,8 @@ def _format_of(content_type: str, url: str) -> str:
 
 @contextmanager
 def _downloaded(url: str, task: Task) -> Iterator[tuple[IO[bytes], str]]:
-    with tempfile.TemporaryFile() as file:
+    # Named, so that a CSV staged on a local artifacts disk is linked there, not copied.
+    with tempfile.NamedTemporaryFile() as file:
         content_type = fetch(url, file, timeout_s=min(settings.QW_HTTP_TIMEOUT_S, task.timeout_s))
         file.seek(0)
         yield file, content_type

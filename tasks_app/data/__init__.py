@@ -29,7 +29,7 @@ Public interface::
     csv_layout(seekable_file, batch_size) → CsvLayout(ranges) | None; read_csv_range(file, …)
     write_rows(frame, binary_file, "jsonl"|"csv"|"json"), RowWriter, to_records(frame)
     Plan.from_operations(operations) → plan.run_batch(frame, first_row=…) → BatchResult
-    BatchResult.write(binary_file) / BatchResult.read(binary_file)
+    BatchResult.write(binary_file, compression) / BatchResult.read(binary_file)
     plan.merge(parts, batches=…, output=None, output_format="jsonl", invalid_output=None)
         → MergeResult(frame, stats, invalid_samples, invalid_frame), .as_result()
     run_single(operations, frame)                 # one batch + merge: the reference
@@ -53,7 +53,7 @@ from tasks_app.data.readers import (
     iter_json_records,
     read_csv_range,
 )
-from tasks_app.data.results import BatchResult, MergeResult
+from tasks_app.data.results import BatchResult, Compression, MergeResult
 from tasks_app.data.rowwise import invalid_rows
 from tasks_app.data.schema import Schema, SchemaBuilder, frame_from_records, infer_schema
 from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
@@ -61,6 +61,7 @@ from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
 __all__ = [
     "PAYLOAD_SCHEMA",
     "BatchResult",
+    "Compression",
     "CsvLayout",
     "CsvRange",
     "DataError",

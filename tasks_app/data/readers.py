@@ -25,12 +25,16 @@ import polars as pl
 from tasks_app.data.core import DataError, check_field_names
 
 CHUNK_BYTES = 4 * 1024 * 1024  # read size: 8 MiB measured 30 MB more peak RSS, no faster
+# A batch's byte range up to this is parsed in one piece (see ``read_csv_range``).
+WHOLE_RANGE_BYTES = 32 * 1024 * 1024
 # A record longer than this without a closing quote is taken for a broken file.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 _BLANK_AT_START = re.compile(rb"(?:(?<=\n)|^)\r?\n")
 _BLANK = re.compile(rb"(?<=\n)\r?\n")
 _MAYBE_BLANK = re.compile(rb"\n\r?\n")  # searched faster than ``in`` finds b"\n\n"
+_NEWLINES_ONLY = re.compile(rb"[\r\n]*")
+_NOT_MARKS = bytes(byte for byte in range(256) if byte not in b'"\n')  # ``translate`` drops
 
 
 def _record_end(buffer: bytes, start: int) -> int:
@@ -66,7 +70,7 @@ def _first_record_end(buffer: bytes) -> int:
 
 def _drop_blank_lines(chunk: bytes) -> bytes:
     """Remove empty lines outside quoted fields (as Python's csv module skips them)."""
-    if b"\n\n" not in chunk and b"\n\r\n" not in chunk and not chunk.startswith((b"\n", b"\r\n")):
+    if _MAYBE_BLANK.search(chunk) is None and not chunk.startswith((b"\n", b"\r\n")):
         return chunk
     parts = chunk.split(b'"')
     for index in range(0, len(parts), 2):
@@ -319,10 +323,15 @@ def _block_records(block: bytes, odd: bool) -> tuple[int, bool]:
     when the quotes before it since the last record end are even.
 
     A few passes over the bytes at C speed (a block without blank lines, the usual case, is
-    told by one regular-expression search; quoted text only by a split on its quotes).
+    told by one regular-expression search; quoted text only by a split on its quotes). Without
+    blank lines only where the quotes and newlines are matters: the split and the counts then
+    go over those alone (one ``translate``), not over many small pieces of the block (on a
+    CSV of 104 MB whose last field is often quoted: 190 ms of CPU against 110).
     """
-    newlines = block.count(b"\n")
     blanks = _MAYBE_BLANK.search(block) is not None or block.startswith((b"\n", b"\r\n"))
+    if not blanks:
+        block = block.translate(None, _NOT_MARKS)
+    newlines = block.count(b"\n")
     if b'"' not in block:
         if odd:
             return 0, True
@@ -487,8 +496,32 @@ def read_csv_range(
     stream: IO[bytes], header_start: int, header_end: int, start: int, end: int, first_row: int = 0
 ) -> pl.DataFrame:
     """The records of bytes ``start``–``end`` (a range of ``csv_layout``) as one frame, read
-    behind the file's header as ``iter_csv_frames`` reads them."""
+    behind the file's header as ``iter_csv_frames`` reads them.
+
+    A range up to ``WHOLE_RANGE_BYTES`` is read and parsed in one piece: ``csv_layout`` cut it
+    at record ends, so it needs no search for them, and one parse of it costs half of the
+    parses of its ``CHUNK_BYTES`` pieces, their concatenation and the rechunk (measured on a
+    batch of 100,000 rows, 10 MB: 62 ms of CPU against 35). A larger one is streamed.
+    """
     header = _read_at(stream, header_start, header_end - header_start)
+    if end - start <= WHOLE_RANGE_BYTES:
+        return _whole_range(header, _read_at(stream, start, end - start), first_row)
     reader = _RangeReader(header, stream, start, end)
     frames = list(_frames(cast(IO[bytes], reader), 1 << 62, CHUNK_BYTES, first_row))
     return frames[0] if frames else pl.DataFrame()
+
+
+def _whole_range(header_line: bytes, body: bytes, first_row: int) -> pl.DataFrame:
+    """``_frames`` over ``header_line`` + ``body`` in one piece: ``body`` starts at a record
+    start and holds whole records, but for the file's last bytes after its last newline (kept
+    unless they are white space, as ``_pieces`` keeps them)."""
+    header = _parse_header(header_line)
+    if not header:
+        return pl.DataFrame()
+    tail = len(body) - body.rfind(b"\n") - 1
+    if tail and not body[-tail:].strip():
+        body = body[:-tail]
+    body = _drop_blank_lines(body)
+    if _NEWLINES_ONLY.fullmatch(body):  # not ``strip``: that copies the whole range
+        return pl.DataFrame(schema=dict.fromkeys(header, pl.String()))
+    return _parse(body, header, header_line, first_row).rechunk()  # the operations run faster

@@ -5,7 +5,13 @@ A ``BatchResult`` travels between processes as one file (Django storage, S3, a t
     b"QWBATCH1" | 8-byte big-endian header length | header (UTF-8 JSON) | frame | invalid frame
 
 The header holds the stats, the invalid samples and the byte lengths of the two frames, which
-are Arrow IPC streams (LZ4). Writing needs no seek and reading reads straight through.
+are Arrow IPC streams, LZ4-compressed or not (each stream says which, so a reader takes either).
+Writing needs no seek and reading reads straight through.
+
+Compression is the writer's choice (``BatchResult.write``): on a local disk the merge reads a
+batch of 100,000 rows 2.5 times faster uncompressed (3.7 ms of CPU against 9.0, where the file
+is 7.7 MB against 3.1) and the batch writes it for about the same CPU; over the network (S3) the
+smaller file is worth its LZ4.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import polars as pl
 
@@ -22,10 +28,13 @@ from tasks_app.data.writers import to_records
 MAGIC = b"QWBATCH1"
 
 
-def _ipc(frame: pl.DataFrame) -> bytes:
+Compression = Literal["lz4", "uncompressed"]
+
+
+def _ipc(frame: pl.DataFrame, compression: Compression) -> memoryview:
     buffer = io.BytesIO()
-    frame.write_ipc_stream(buffer, compression="lz4")
-    return buffer.getvalue()
+    frame.write_ipc_stream(buffer, compression=compression)
+    return buffer.getbuffer()  # not ``getvalue``: no copy of the frame's bytes
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -52,9 +61,13 @@ class BatchResult:
     invalid_samples: list[dict[str, Any]]
     invalid_frame: pl.DataFrame | None = None
 
-    def write(self, stream: IO[bytes]) -> None:
-        frame = _ipc(self.frame)
-        invalid = _ipc(self.invalid_frame) if self.invalid_frame is not None else b""
+    def write(self, stream: IO[bytes], compression: Compression = "lz4") -> None:
+        frame = _ipc(self.frame, compression)
+        invalid = (
+            _ipc(self.invalid_frame, compression)
+            if self.invalid_frame is not None
+            else memoryview(b"")
+        )
         header = json.dumps(
             {
                 "stats": self.stats,

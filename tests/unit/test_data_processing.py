@@ -193,6 +193,10 @@ def test_batches_then_merge_equal_a_single_batch_run(
     reference = data.run_single(PIPELINE, data.frame_from_records(PEOPLE))
     assert task.result["rows"] == data.to_records(reference.frame)
     assert task.result["stats"]["batches"] == 7
+    # the log tells when the merge started, and how long after the last batch
+    started = TaskLog.objects.get(task=task, event="merge_started")
+    assert started.data["batches"] == 7
+    assert 0 <= started.data["since_last_batch_s"] <= started.data["since_first_batch_s"]
     # the staged work is gone once the task is done
     assert not DataJob.objects.filter(task=task).exists()
     assert artifacts.delete_tree(artifacts.work_prefix(task.id)) == 0
@@ -832,6 +836,40 @@ def test_a_downloaded_csv_past_the_owners_quota_fails_and_leaves_nothing(
     assert task.error == "artifact quota of 4000 bytes exceeded for this owner"
     assert _files_under(artifact_root, task) == []
     assert chord.sent == []
+
+
+def test_a_named_file_on_the_local_artifacts_disk_is_stored_as_a_link_not_a_copy(
+    artifact_root, tmp_path
+):
+    # given a named file beside the local artifacts folder (a downloaded CSV source)
+    with open(tmp_path / "download.csv", "w+b") as file:
+        file.write(b"a,b\n1,2\n")
+
+        # when it is saved in the storage
+        name, size = artifacts.save("work/t/a1/in/source.csv", file)
+
+        # then the stored file is the same file, not a copy, with the same bytes
+        assert (name, size) == ("work/t/a1/in/source.csv", 8)
+        assert os.path.samefile(artifact_root / name, tmp_path / "download.csv")
+    with artifacts.reading(name) as stored:
+        assert stored.read() == b"a,b\n1,2\n"
+
+
+def test_a_file_that_cannot_be_linked_is_copied(artifact_root, tmp_path, monkeypatch):
+    # given a named file that cannot be linked (another disk, say)
+    def other_disk(source: str, target: str) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", other_disk)
+    with open(tmp_path / "download.csv", "w+b") as file:
+        file.write(b"a,b\n1,2\n")
+
+        # when it is saved in the storage
+        name, _ = artifacts.save("work/t/a1/in/source.csv", file)
+
+        # then the storage holds a copy of its bytes
+        assert not os.path.samefile(artifact_root / name, tmp_path / "download.csv")
+    assert (artifact_root / name).read_bytes() == b"a,b\n1,2\n"
 
 
 def test_a_csv_with_a_quote_left_open_is_staged_in_order_and_fails_as_before(api, chord, server):

@@ -40,14 +40,25 @@ def round_trip(part: BatchResult) -> BatchResult:
     return BatchResult.read(buffer)
 
 
+def staged(plan: Plan, records: list[dict[str, Any]], schema: Schema) -> pl.DataFrame:
+    """A batch's input as ``tasks_app.batches`` stages and reads it (an Arrow IPC file)."""
+    buffer = io.BytesIO()
+    frame_from_records(records, schema).write_ipc(buffer)
+    buffer.seek(0)
+    columns = plan.input_columns(pl.read_ipc_schema(buffer))
+    buffer.seek(0)
+    return pl.read_ipc(buffer, columns=columns)
+
+
 def batched(
     operations: list[dict[str, Any]], records: list[dict[str, Any]], size: int
 ) -> MergeResult:
-    """Run as the plumbing does: one schema, batches through files, then the merge."""
+    """Run as the plumbing does: one schema, batches staged as Arrow files and read back with
+    only the columns the plan needs, results through files, then the merge."""
     schema = Schema.from_json(json.dumps(infer_schema(records).to_json()))
     plan = Plan.from_operations(operations)
     parts = [
-        round_trip(plan.run_batch(frame_from_records(records[i : i + size], schema), first_row=i))
+        round_trip(plan.run_batch(staged(plan, records[i : i + size], schema), first_row=i))
         for i in range(0, len(records), size)
     ]
     return plan.merge(iter(parts), batches=len(parts))

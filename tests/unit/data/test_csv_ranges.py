@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from typing import Any
+from unittest import mock
 
 import polars as pl
 import pytest
@@ -16,6 +17,7 @@ from tasks_app.data import (
     csv_layout,
     iter_csv_frames,
     read_csv_range,
+    readers,
     run_single,
 )
 from tests.unit.data._support import assert_same, round_trip
@@ -65,12 +67,21 @@ def _csv(draw: st.DrawFn) -> bytes:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=_csv(), size=st.integers(1, 8), scan_bytes=st.sampled_from([4, 16, 64, 1 << 16]))
+@given(
+    body=_csv(),
+    size=st.integers(1, 8),
+    scan_bytes=st.sampled_from([4, 16, 64, 1 << 16]),
+    whole=st.booleans(),
+)
 def test_ranges_read_the_same_frames_as_the_serial_reader(
-    body: bytes, size: int, scan_bytes: int
+    body: bytes, size: int, scan_bytes: int, whole: bool
 ) -> None:
+    # Given a CSV file cut into ranges, each read in one piece or streamed in small pieces
     expected = _serial(body, size)
-    got = _ranged(body, size, scan_bytes)
+    limit = readers.WHOLE_RANGE_BYTES if whole else 0
+    with mock.patch.object(readers, "WHOLE_RANGE_BYTES", limit):
+        got = _ranged(body, size, scan_bytes)
+    # Then the ranges hold the frames the serial reader gives, or fail as it does
     if got is None:  # left to the serial reader
         return
     assert (got is DataError) == (expected is DataError), (body, got, expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import polars as pl
 import pytest
@@ -11,13 +12,15 @@ from polars.testing import assert_frame_equal
 
 from tasks_app.data import (
     BatchResult,
+    Compression,
     DataError,
     Plan,
     frame_from_records,
     infer_schema,
     run_single,
 )
-from tests.unit.data._support import assert_same, batched, round_trip
+from tasks_app.data.core import has_column, kind_column
+from tests.unit.data._support import assert_same, batched
 
 PIPELINE = [
     {"op": "validate", "schema": {"required": ["email"]}, "on_invalid": "collect"},
@@ -88,14 +91,22 @@ def test_batch_of_aggregate_holds_one_row_per_group() -> None:
     assert part.frame.height == 2
 
 
-def test_batch_result_round_trips_through_a_file() -> None:
+@pytest.mark.parametrize("compression", ["lz4", "uncompressed"])
+def test_batch_result_round_trips_through_a_file(compression: Compression) -> None:
+    # Given a batch result with kept and collected invalid rows
     plan = Plan.from_operations(
         [{"op": "validate", "schema": {"required": ["a"]}, "on_invalid": "collect"}]
     )
     records = [{"a": 1, "o": {"k": [1.5]}, "n": None}, {"o": None}, {"a": 2}]
     part = plan.run_batch(frame_from_records(records), first_row=10)
 
-    back = round_trip(part)
+    # When it is written with or without compression and read back
+    buffer = io.BytesIO()
+    part.write(buffer, compression)
+    buffer.seek(0)
+    back = BatchResult.read(buffer)
+
+    # Then it is the same result
 
     assert_frame_equal(back.frame, part.frame)
     assert (
@@ -211,3 +222,51 @@ def test_sort_then_limit_stats_count_every_sorted_row() -> None:
         {"op": "sort", "rows_in": 12, "rows_out": 12},
         {"op": "limit", "rows_in": 12, "rows_out": 2},
     ]
+
+
+def test_a_batch_reads_only_the_columns_its_operations_need() -> None:
+    # Given a filter, a clean and a dedupe feeding an aggregate, over a staged input with more
+    plan = Plan.from_operations(
+        [
+            {"op": "filter", "where": {"field": "a", "eq": 1}},
+            {"op": "clean", "trim": True, "lower": ["b"]},
+            {"op": "dedupe", "keys": ["c"]},
+            {"op": "aggregate", "group_by": ["d"], "metrics": {"n": {"count": "*"}}},
+        ]
+    )
+    columns = ["a", "b", "c", "d", "e", has_column("c"), kind_column("c"), has_column("e")]
+
+    # When the batch asks which columns to read
+    wanted = plan.input_columns(columns)
+
+    # Then it is the fields they name with their hidden companions, in the file's order
+    assert wanted == ["a", "b", "c", "d", has_column("c"), kind_column("c")]
+
+
+@pytest.mark.parametrize(
+    "operations",
+    [
+        [{"op": "validate", "schema": {"required": ["a"]}}, {"op": "select", "fields": ["a"]}],
+        [{"op": "cast", "fields": {"a": "int"}}, {"op": "dedupe", "keys": ["a"]}],
+        [{"op": "rename", "fields": {"a": "b"}}, {"op": "select", "fields": ["b"]}],
+        [{"op": "filter", "where": {"field": "a", "eq": 1}}],
+        [{"op": "dedupe", "keys": ["a"]}],
+    ],
+    ids=["validate-samples", "cast-samples", "rename", "whole-rows-out", "dedupe-rows-out"],
+)
+def test_a_batch_reads_every_column_when_whole_rows_may_show(
+    operations: list[dict[str, Any]],
+) -> None:
+    # Given operations whose samples or output rows hold every field, or that move names
+    plan = Plan.from_operations(operations)
+
+    # When the batch asks which columns to read, then it reads them all
+    assert plan.input_columns(["a", "b", "c"]) is None
+
+
+def test_a_batch_reads_one_column_at_least_for_its_row_count() -> None:
+    # Given an aggregate that counts rows and reads no field
+    plan = Plan.from_operations([{"op": "aggregate", "metrics": {"n": {"count": "*"}}}])
+
+    # When the batch asks which columns to read, then it reads one (rows_in stays right)
+    assert plan.input_columns(["a", "b"]) == ["a"]
