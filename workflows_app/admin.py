@@ -11,7 +11,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from queueworker.admin_actions import apply_each, outcome_level
 from tasks_app.models import Task
-from workflows_app import coordinator, graph, selectors, services
+from workflows_app import coordinator, graph, runs, selectors, services
 from workflows_app.models import Schedule, Workflow, WorkflowRun, WorkflowVersion
 
 RESULT_EXCERPT_CHARS = 200
@@ -93,7 +93,7 @@ class RunStepInline(_RunTaskInline):
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Task]:
-        return super().get_queryset(request).exclude(type=coordinator.COMPENSATION_TYPE)
+        return super().get_queryset(request).exclude(type=runs.COMPENSATION_TYPE)
 
 
 class RunCompensationInline(_RunTaskInline):
@@ -111,7 +111,7 @@ class RunCompensationInline(_RunTaskInline):
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Task]:
-        return super().get_queryset(request).filter(type=coordinator.COMPENSATION_TYPE)
+        return super().get_queryset(request).filter(type=runs.COMPENSATION_TYPE)
 
 
 @admin.register(WorkflowRun)

@@ -24,13 +24,13 @@ from django.conf import settings
 from tasks_app import services as task_services
 from tasks_app import state
 from tasks_app.models import WAITING_STATUSES, Task, TaskStatus
-from workflows_app import coordinator, refs
 from workflows_app import definition as definitions
+from workflows_app import refs, runs
 from workflows_app.models import RunStatus, WorkflowRun
 
 
 def advance(run: WorkflowRun, graph: definitions.Graph, tasks: list[Task]) -> None:
-    steps = coordinator.step_tasks(tasks)
+    steps = runs.step_tasks(tasks)
     by = f"workflow run {run.id}"
     for name, task in list(steps.items()):
         if task.status in WAITING_STATUSES:
@@ -41,17 +41,17 @@ def advance(run: WorkflowRun, graph: definitions.Graph, tasks: list[Task]) -> No
             state.request_cancel(task.id, by=by)
     if any(t.status == TaskStatus.PROCESSING for t in steps.values()):
         return  # running steps finish first; their outcome calls the coordinator again
-    compensations = {t.step: t for t in tasks if t.type == coordinator.COMPENSATION_TYPE}
+    compensations = {t.step: t for t in tasks if t.type == runs.COMPENSATION_TYPE}
     plan = undo_order(graph, steps)
     for task in plan:
         undo = compensations.get(task.step)
         if undo is None:
-            start_compensation(run, graph, task, coordinator.context(run, tasks))
+            start_compensation(run, graph, task, runs.context(run, tasks))
             return
         if undo.status == TaskStatus.COMPLETED:
             continue
         if undo.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-            coordinator.finish(
+            runs.finish(
                 run,
                 RunStatus.FAILED,
                 f"compensation of step {task.step} failed (task {undo.id}): {undo.error}",
@@ -59,11 +59,11 @@ def advance(run: WorkflowRun, graph: definitions.Graph, tasks: list[Task]) -> No
             return
         return  # that compensation is still waiting or running
     if run.cancel_requested:
-        coordinator.finish(run, RunStatus.CANCELLED)
+        runs.finish(run, RunStatus.CANCELLED)
     elif plan:
-        coordinator.finish(run, RunStatus.COMPENSATED)
+        runs.finish(run, RunStatus.COMPENSATED)
     else:
-        coordinator.finish(
+        runs.finish(
             run, RunStatus.FAILED, f"{run.error}; no completed step declared a compensation"
         )
 
@@ -91,10 +91,10 @@ def start_compensation(
     except refs.RefError as exc:
         error = str(exc)
         undo = compensation_spec(task, spec, ctx, workflow_run_id=run.id, resolve_refs=False)
-    (created,) = coordinator.create_tasks(run.owner, [undo], by=f"workflow run {run.id}")
+    (created,) = runs.create_tasks(run.owner, [undo], by=f"workflow run {run.id}")
     if error is not None:
-        coordinator.fail_unstarted(created, error)
-        advance(run, graph, coordinator.run_tasks(run))
+        runs.fail_unstarted(created, error)
+        advance(run, graph, runs.run_tasks(run))
     return created
 
 
@@ -115,7 +115,7 @@ def compensation_spec(
     if resolve_refs:
         payload = refs.resolve(payload, ctx, path="action.payload")
     return task_services.TaskSpec(
-        type=coordinator.COMPENSATION_TYPE,
+        type=runs.COMPENSATION_TYPE,
         payload={
             "compensates": str(task.id),
             "action": {"type": action["type"], "payload": payload},

@@ -37,10 +37,10 @@ def run_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[WorkflowRun
 
 def run_steps(run: WorkflowRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The run's steps in graph order (``task`` null until started) and its compensations."""
-    from workflows_app import coordinator
+    from workflows_app import coordinator, runs
 
     tasks = list(Task.objects.filter(workflow_run=run).order_by("created_at"))
-    by_step = coordinator.step_tasks(tasks)
+    by_step = runs.step_tasks(tasks)
     graph = coordinator.graph_for(run)
     steps = []
     done = {n for n, t in by_step.items() if t.status == "COMPLETED"}
@@ -69,6 +69,6 @@ def run_steps(run: WorkflowRun) -> tuple[list[dict[str, Any]], list[dict[str, An
     compensations = [
         {"step": t.step, "task": t.id, "status": t.status, "finished_at": t.finished_at}
         for t in tasks
-        if t.type == coordinator.COMPENSATION_TYPE
+        if t.type == runs.COMPENSATION_TYPE
     ]
     return steps, compensations

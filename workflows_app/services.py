@@ -13,7 +13,7 @@ from django.db.models import Max
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
 from tasks_app.models import Task, TaskStatus
-from workflows_app import compensation, coordinator, refs
+from workflows_app import compensation, coordinator, refs, runs
 from workflows_app import definition as definitions
 from workflows_app.models import (
     FINISHED_RUN_STATUSES,
@@ -175,7 +175,7 @@ def run_start(*, workflow: Workflow, owner: User, input: Any) -> WorkflowRun:
             workflow=workflow, version=version, owner=owner, input=input
         )
         run.owner = owner
-        coordinator.start_steps(run, graph, [graph.start], coordinator.context(run, []))
+        coordinator.start_steps(run, graph, [graph.start], runs.context(run, []))
     return run
 
 
@@ -223,11 +223,11 @@ def run_retry(*, run: WorkflowRun, by: str) -> WorkflowRun:
         if locked.status != RunStatus.FAILED:
             raise InvalidTransition({"detail": f"Cannot retry a run that is {locked.status}."})
         broken = [t for t in tasks if t.status in (TaskStatus.FAILED, TaskStatus.CANCELLED)]
-        failed_undo = [t for t in broken if t.type == coordinator.COMPENSATION_TYPE]
+        failed_undo = [t for t in broken if t.type == runs.COMPENSATION_TYPE]
         again = failed_undo or broken
         for task in again:
             payload = None
-            if task.error.startswith(coordinator.COULD_NOT_START):
+            if task.error.startswith(runs.COULD_NOT_START):
                 payload = _payload_again(locked, task, tasks)
             task_services.task_retry(task=task, by=by, reason="workflow run retry", payload=payload)
         locked.status = RunStatus.COMPENSATING if failed_undo else RunStatus.RUNNING
@@ -241,10 +241,10 @@ def _payload_again(run: WorkflowRun, task: Task, tasks: list[Task]) -> Any:
     """The payload of a task that failed before it ran, its ``$ref`` resolved again (a
     setting may have changed); ``InvalidTransition`` when it still cannot be."""
     graph = coordinator.graph_for(run)
-    ctx = coordinator.context(run, tasks)
+    ctx = runs.context(run, tasks)
     step = graph.steps[str(task.step)]
     try:
-        if task.type == coordinator.COMPENSATION_TYPE:
+        if task.type == runs.COMPENSATION_TYPE:
             undone = next(t for t in tasks if t.pk == task.parent_id)
             assert step.compensation is not None  # a compensation task exists for it
             spec = compensation.compensation_spec(undone, step.compensation, ctx)
@@ -261,11 +261,11 @@ def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None
     """
     with transaction.atomic():
         locked = Task.objects.select_for_update().get(pk=task.pk)
-        if locked.status != TaskStatus.COMPLETED or locked.type == coordinator.COMPENSATION_TYPE:
+        if locked.status != TaskStatus.COMPLETED or locked.type == runs.COMPENSATION_TYPE:
             raise InvalidTransition(
                 {"detail": f"Only a COMPLETED task can be compensated, not a {locked.status} one."}
             )
-        if Task.objects.filter(parent=locked, type=coordinator.COMPENSATION_TYPE).exists():
+        if Task.objects.filter(parent=locked, type=runs.COMPENSATION_TYPE).exists():
             raise InvalidTransition({"detail": "This task already has a compensation."})
         declared = None
         run = locked.workflow_run
@@ -276,7 +276,7 @@ def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None
             raise InvalidInput(
                 {"action": ["Give {type, payload}: this task's step declares no compensation."]}
             )
-        ctx = coordinator.context(run, list(run.tasks.all())) if run else {"input": {}, "steps": {}}
+        ctx = runs.context(run, list(run.tasks.all())) if run else {"input": {}, "steps": {}}
         # Outside a failed run's saga: not one of the run's steps (no workflow_run).
         try:
             undo = compensation.compensation_spec(locked, spec, ctx, priority=locked.priority)

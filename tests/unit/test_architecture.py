@@ -6,10 +6,7 @@ architecture.md): the engine's hooks and worker signals, the project's metrics, 
 schema registries.
 
 The graph is ``tests.support.import_graph``'s: every import counts, inside functions too.
-One import cycle remains, ``workflows_app.compensation <-> workflows_app.coordinator`` (the
-saga's undo and the run coordinator call each other). ``REMAINING_CYCLES`` lists it exactly,
-so that the test fails on any new cycle, and when that one is broken: then empty the list,
-which may only shrink.
+There is no import cycle.
 """
 
 from __future__ import annotations
@@ -29,8 +26,6 @@ from workflows_app import metrics as run_metrics
 from workflows_app import scheduler
 from workflows_app.coordinator import RunObserver
 from workflows_app.recovery import reconcile_runs
-
-REMAINING_CYCLES = [["workflows_app.compensation", "workflows_app.coordinator"]]
 
 
 def _package(module: str) -> str:
@@ -66,8 +61,8 @@ def test_the_project_package_imports_app_modules_only_from_urls(edges):
     assert wiring and into_apps == set()
 
 
-def test_no_import_cycle_but_the_known_one_which_may_only_go(edges):
-    assert cycles(edges) == REMAINING_CYCLES
+def test_no_import_cycle(edges):
+    assert cycles(edges) == []
 
 
 def test_the_scan_sees_imports_inside_functions(tmp_path):
