@@ -366,6 +366,10 @@ CELERY_TASK_QUEUE_MAX_PRIORITY = (
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = env.int("QW_WORKER_PREFETCH", 1, minimum=1)
+# A worker lowers its CPU priority by this much at start (its pool inherits it), so that on a
+# host it shares with the API a saturated worker does not starve the requests that create its
+# work; 0 keeps the priority it was started with. No effect where each runs alone (containers).
+QW_WORKER_NICE = env.int("QW_WORKER_NICE", 5, minimum=0, maximum=19)
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_HEARTBEAT = env.int("QW_BROKER_HEARTBEAT_S", 30, minimum=0)

@@ -10,6 +10,7 @@ sender, not by importing ``queueworker.celery`` (which imports this module).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,25 @@ def _init_threaded_worker(sender: Any = None, **kwargs: Any) -> None:
     process's do."""
     if sender is not None and runs_tasks_in_worker_process(getattr(sender, "pool_cls", None)):
         _init_task_process()
+
+
+def lower_priority(increment: int) -> int:
+    """Lower this process's CPU priority by ``increment`` (``os.nice``); the new niceness.
+    A process that may not (a restrictive sandbox) keeps its priority and says so."""
+    try:
+        return os.nice(increment)
+    except OSError as exc:
+        logger.warning("could not lower the worker's CPU priority by %d: %s", increment, exc)
+        return os.nice(0)
+
+
+@signals.worker_init.connect
+def _lower_worker_priority(**kwargs: Any) -> None:
+    """Before the pool starts (its processes inherit it): the API that creates the work keeps
+    the CPU first when both share a host and the worker is saturated (``QW_WORKER_NICE``)."""
+    if settings.QW_WORKER_NICE:
+        niceness = lower_priority(settings.QW_WORKER_NICE)
+        logger.info("worker CPU priority: niceness %d", niceness)
 
 
 @signals.worker_ready.connect

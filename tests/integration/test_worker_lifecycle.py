@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tasks_app.models import Task, TaskLog, TaskStatus
@@ -106,3 +108,24 @@ def test_cancel_while_running_stops_the_handler_at_its_next_check(api, worker):
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     wait_for(lambda: _status(task_id) == TaskStatus.CANCELLED, timeout=5)
     assert api.post(f"/api/tasks/{task_id}/cancel/").status_code == 409
+
+
+def _niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_a_worker_and_its_pool_run_below_the_api_s_cpu_priority(worker):
+    # given a worker started at the shipped default (QW_WORKER_NICE 5), from this process
+    ours = _niceness(os.getpid())
+
+    # then the worker and each of its pool processes run 5 steps nicer than their starter
+    wait_for(lambda: len(worker.children()) == 2)
+    for pid in [worker.popen.pid, *worker.children()]:
+        assert _niceness(pid) == min(ours + 5, 19), pid
+
+
+def test_a_worker_started_with_nice_0_keeps_its_priority(spawn):
+    started = spawn("worker", QW_WORKER_NICE="0")
+    wait_for(lambda: len(started.children()) == 2)
+    for pid in [started.popen.pid, *started.children()]:
+        assert _niceness(pid) == _niceness(os.getpid()), pid
