@@ -171,7 +171,7 @@ def start_worker(
         "-l",
         "WARNING",
     ]
-    child = processes.start("worker", argv)
+    child = processes.start("worker", argv, services.WORKER_ENV)
     services.wait_until(
         lambda: services.queues_consumed(broker_url, queues),
         timeout=90,

@@ -456,8 +456,11 @@ class Isolation:
 
 # Workers run below the web processes' priority (nice 10), as the deployment should: a create
 # then waits for its own CPU, not behind a pool draining a backlog. The bare yardstick's worker
-# gets the same niceness. QW_BENCH_WORKER_NICE=0 runs them at the web's priority.
+# gets the same niceness. QW_BENCH_WORKER_NICE=0 runs them at the web's priority. The service's
+# own lowering (QW_WORKER_NICE) is turned off in every worker the bench starts, so that both
+# run at exactly the niceness the bench gives them.
 WORKER_NICE = int(os.environ.get("QW_BENCH_WORKER_NICE", "10"))
+WORKER_ENV = {"QW_WORKER_NICE": "0"}
 
 
 def niced() -> list[str]:
@@ -514,7 +517,7 @@ def start_worker(
         "-l",
         "WARNING",
     ]
-    child = processes.start(name, argv)
+    child = processes.start(name, argv, WORKER_ENV)
     wait_until(
         lambda: queues_consumed(broker_url, queues),
         timeout=90,
