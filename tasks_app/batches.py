@@ -30,6 +30,7 @@ import logging
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from itertools import islice
 from typing import IO, Any, Literal
 
@@ -45,6 +46,17 @@ from tasks_app.errors import Deferred, PermanentError, RetryableError
 from tasks_app.models import Artifact, BatchStatus, DataBatch, DataJob, Task, TaskLog, TaskStatus
 
 logger = logging.getLogger(__name__)
+
+
+class BatchOutcome(StrEnum):
+    """What became of one batch (``batch_run``), and a merge that must wait (``merge_run``)."""
+
+    DONE = "done"
+    DONE_ALREADY = "done already"  # a redelivered batch
+    FAILED = "failed"  # its rows broke the pipeline: the task fails naming them
+    SKIPPED = "skipped"  # the task is no longer running, or a cancel was asked
+    GONE = "gone"  # no such batch (the task's work was removed)
+    WAITING = "waiting"  # the merge ran before every batch was DONE
 
 
 def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +85,9 @@ def process(ctx: Any, payload: dict[str, Any]) -> dict[str, Any]:
     pending = list(job.batch_rows.exclude(status=BatchStatus.DONE).values_list("index", flat=True))
     if job.batches == 1 and pending:  # one batch needs no chord: run it in this attempt
         outcome = batch_run(str(task.id), 0)
-        if outcome == "failed":
+        if outcome == BatchOutcome.FAILED:
             raise PermanentError(DataBatch.objects.get(job=job, index=0).error)
-        if not outcome.startswith("done"):
+        if outcome not in (BatchOutcome.DONE, BatchOutcome.DONE_ALREADY):
             ctx.check_cancelled()  # raises TaskCancelled when a cancel is why it did not run
             raise RetryableError(f"the batch did not run: {outcome}")
         pending = []
@@ -322,7 +334,7 @@ def dispatch(task: Task, indexes: list[int]) -> None:
 # --- 3. one batch ------------------------------------------------------------------------------
 
 
-def batch_run(task_id: str, index: int) -> str:
+def batch_run(task_id: str, index: int) -> BatchOutcome:
     """Run one batch; return what became of it. Raises only what a retry may fix (I/O)."""
     batch = (
         DataBatch.objects.select_related("job__task")
@@ -330,12 +342,13 @@ def batch_run(task_id: str, index: int) -> str:
         .first()
     )
     if batch is None:
-        return "gone"
+        return BatchOutcome.GONE
     if batch.status == BatchStatus.DONE:
-        return "done already"
+        return BatchOutcome.DONE_ALREADY
     task = batch.job.task
     if task.status != TaskStatus.PROCESSING or task.cancel_requested:
-        return f"skipped: the task is {task.status}"
+        logger.info("batch %d of task %s skipped: the task is %s", index, task_id, task.status)
+        return BatchOutcome.SKIPPED
     plan = data.Plan.from_operations(task.payload.get("operations", []))
     try:
         frame = _read_input(batch, plan)
@@ -353,20 +366,20 @@ def batch_run(task_id: str, index: int) -> str:
         status=BatchStatus.DONE, output=name, finished_at=timezone.now()
     )
     state.renew_lease(task.pk, seconds=_lease_s(task))
-    return "done"
+    return BatchOutcome.DONE
 
 
 def _lease_s(task: Task) -> float:
     return task.timeout_s + settings.QW_LEASE_SECONDS
 
 
-def batch_failed(task_id: str, index: int, error: str) -> str:
+def batch_failed(task_id: str, index: int, error: str) -> BatchOutcome:
     DataBatch.objects.filter(
         job_id=uuid.UUID(task_id), index=index, status=BatchStatus.PENDING
     ).update(
         status=BatchStatus.FAILED, error=error[: worker.MAX_ERROR_CHARS], finished_at=timezone.now()
     )
-    return "failed"
+    return BatchOutcome.FAILED
 
 
 # --- 4. merge ----------------------------------------------------------------------------------
@@ -376,7 +389,7 @@ def merge_run(task_id: str, attempt: int) -> str:
     """The chord's callback: finish the task if every batch is DONE (``waiting`` if not)."""
     task = Task.objects.filter(pk=task_id).first()
     if task is None or task.status != TaskStatus.PROCESSING or task.attempt != attempt:
-        return "stale"
+        return worker.OutcomeStatus.STALE
     if task.cancel_requested:
         return worker.finish_cancelled(task).status
     job = DataJob.objects.get(task=task)
@@ -390,14 +403,14 @@ def merge_run(task_id: str, attempt: int) -> str:
         )
         return worker.finish_failed(task, error, retryable=False).status
     if any(batch.status != BatchStatus.DONE for batch in rows):
-        return "waiting"
+        return BatchOutcome.WAITING
     _log_merge_start(task, rows)
     try:
         result = merge(task, task.payload, job, outputs=[batch.output for batch in rows])
     except PermanentError as exc:
         return worker.finish_failed(task, str(exc), retryable=False).status
     outcome = worker.finish_completed(task, result).status
-    if outcome == "completed":
+    if outcome == worker.OutcomeStatus.COMPLETED:
         cleanup(task.id)  # only once the task is done: a stale merge must not take its batches
     return outcome
 

@@ -61,6 +61,7 @@ from queueworker.metrics import PREFIX, gauge
 from tasks_app.handlers.registry import registry as handlers
 from tasks_app.models import DeadLetterMessage, FailureClass, Task, TaskStatus
 from tasks_app.selectors import task_queryset
+from tasks_app.task_types import TaskType
 
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900}
 PERCENTILE_WINDOW_S = 900
@@ -71,7 +72,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 STATUSES: tuple[str, ...] = tuple(TaskStatus.values)
 FAILURE_CLASSES: tuple[str, ...] = tuple(FailureClass.values)
-COMPENSATION = "COMPENSATION"
+COMPENSATION = TaskType.COMPENSATION
 
 _DURATION = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
 

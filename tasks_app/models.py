@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from tasks_app.task_types import TaskType
+
 
 class TaskStatus(models.TextChoices):
     PENDING = "PENDING"
@@ -140,12 +142,12 @@ class Task(models.Model):
             models.UniqueConstraint(
                 fields=["workflow_run", "step"],
                 name="task_one_per_run_step",
-                condition=Q(workflow_run__isnull=False) & ~Q(type="COMPENSATION"),
+                condition=Q(workflow_run__isnull=False) & ~Q(type=TaskType.COMPENSATION),
             ),
             models.UniqueConstraint(
                 fields=["workflow_run", "step"],
                 name="task_one_compensation_per_run_step",
-                condition=Q(workflow_run__isnull=False) & Q(type="COMPENSATION"),
+                condition=Q(workflow_run__isnull=False) & Q(type=TaskType.COMPENSATION),
             ),
         ]
 

@@ -10,6 +10,7 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from tasks_app.models import Task, TaskLog, TaskStatus
+from tasks_app.task_types import TaskType
 
 
 def task_queryset(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Task]:
@@ -71,7 +72,7 @@ def _batch_progress(task: Task) -> dict[str, Any] | None:
     """A DATA_PROCESSING task whose batches run as a chord: how far they are."""
     from tasks_app.models import BatchStatus, DataBatch
 
-    if task.type != "DATA_PROCESSING":
+    if task.type != TaskType.DATA_PROCESSING:
         return None
     counts = dict(
         DataBatch.objects.filter(job_id=task.pk)

@@ -56,7 +56,10 @@ def execute_task(
     with logcontext.bind(task_id=task_id, request_id=request_id):
         try:
             outcome = worker.run(task_id, timeout_s=timeout_s, worker=hostname)
-            if outcome.status == "skipped" and not Task.objects.filter(id=task_id).exists():
+            if (
+                outcome.status == worker.OutcomeStatus.SKIPPED
+                and not Task.objects.filter(id=task_id).exists()
+            ):
                 raise Reject(f"no task {task_id}", requeue=False)
         except (OperationalError, InterfaceError) as exc:
             # The database is restarting or unreachable: drop the broken connection (Celery
@@ -157,7 +160,7 @@ def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
         except (OSError, OperationalError, InterfaceError) as exc:
             close_broken_connections()
             raise self.retry(exc=exc, countdown=_io_backoff(self.request.retries)) from exc
-        if outcome == "waiting":
+        if outcome == batches.BatchOutcome.WAITING:
             # A batch redelivered after its result was stored counts twice in the chord: the
             # rows, not the chord, say when all are done. Past the waits, the lease decides.
             if self.request.retries < MERGE_WAITS:
@@ -175,7 +178,7 @@ def _log_outcome(outcome: worker.Outcome, duration_ms: float) -> None:
     """One line per message handled, with the task's context: what became of it, how long."""
     detail = f": {outcome.detail}" if outcome.detail else ""
     logger.log(
-        logging.WARNING if outcome.status == "failed" else logging.INFO,
+        logging.WARNING if outcome.status == worker.OutcomeStatus.FAILED else logging.INFO,
         "task %s in %.1f ms%s",
         outcome.status,
         duration_ms,

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -78,9 +79,21 @@ class TaskContext:
         )
 
 
+class OutcomeStatus(StrEnum):
+    """What became of a message's task in this process (its log line and metrics name it)."""
+
+    COMPLETED = "completed"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEFERRED = "deferred"  # its work runs elsewhere (a data task's batches)
+    SKIPPED = "skipped"  # not claimable: finished, running elsewhere, or not due
+    STALE = "stale"  # the outcome was refused: the task had moved on
+
+
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # completed | retrying | failed | cancelled | skipped | stale
+    status: OutcomeStatus
     detail: str = ""
 
 
@@ -89,7 +102,9 @@ def run(task_id: str, *, timeout_s: int, worker: str = "") -> Outcome:
         task_id, lease_s=backstop_lease_s(timeout_s), worker=worker, holder=liveness.holder()
     )
     if task is None:
-        return Outcome("skipped", "not claimable (finished, running elsewhere, or not due)")
+        return Outcome(
+            OutcomeStatus.SKIPPED, "not claimable (finished, running elsewhere, or not due)"
+        )
     return run_claimed(task)
 
 
@@ -105,7 +120,7 @@ def run_claimed(
     logcontext.update(type=task.type, attempt=task.attempt, workflow_run_id=task.workflow_run_id)
     if task.cancel_requested:
         _finishing(task, lambda: state.cancel_running(task.id, task.attempt))
-        return Outcome("cancelled", "cancel requested before start")
+        return Outcome(OutcomeStatus.CANCELLED, "cancel requested before start")
     spec = registry.get(task.type)
     if spec is None:
         return finish_failed(task, f"no handler registered for type {task.type}", retryable=False)
@@ -126,7 +141,7 @@ def run_claimed(
     except Deferred as exc:
         # Its batches run elsewhere: this process no longer holds it; their lease bounds it.
         _durably(lambda: state.release(task.id, task.attempt))
-        return Outcome("deferred", str(exc))
+        return Outcome(OutcomeStatus.DEFERRED, str(exc))
     except SoftTimeLimitExceeded:
         return finish_failed(
             task,
@@ -151,7 +166,7 @@ def run_claimed(
         if problem is not None:
             return finish_failed(task, problem, retryable=False)
         completions.add(task, result)
-        return Outcome("completed", "buffered")
+        return Outcome(OutcomeStatus.COMPLETED, "buffered")
     return finish_completed(task, result)
 
 
@@ -161,14 +176,14 @@ def finish_completed(task: Task, result: Any) -> Outcome:
     if problem is not None:
         return finish_failed(task, problem, retryable=False)
     if _finishing(task, lambda: state.complete(task.id, task.attempt, result)):
-        return Outcome("completed")
-    return Outcome("stale", "completion discarded: the task had moved on")
+        return Outcome(OutcomeStatus.COMPLETED)
+    return Outcome(OutcomeStatus.STALE, "completion discarded: the task had moved on")
 
 
 def finish_cancelled(task: Task) -> Outcome:
     if _finishing(task, lambda: state.cancel_running(task.id, task.attempt)):
-        return Outcome("cancelled")
-    return Outcome("stale", "cancelled, but the task had moved on")
+        return Outcome(OutcomeStatus.CANCELLED)
+    return Outcome(OutcomeStatus.STALE, "cancelled, but the task had moved on")
 
 
 def finish_failed(
@@ -192,10 +207,10 @@ def finish_failed(
             )
         )
         if updated is None:
-            return Outcome("stale", "retry discarded: the task had moved on")
+            return Outcome(OutcomeStatus.STALE, "retry discarded: the task had moved on")
         if published:
             dispatch.publish([dispatch.wakeup_for(updated, countdown=delay)])
-        return Outcome("retrying", f"in {delay:.3f}s")
+        return Outcome(OutcomeStatus.RETRYING, f"in {delay:.3f}s")
     final_class = failure_class if retryable else FailureClass.NON_RETRYABLE
     failed = _finishing(
         task,
@@ -204,8 +219,8 @@ def finish_failed(
         ),
     )
     if not failed:
-        return Outcome("stale", "failure discarded: the task had moved on")
-    return Outcome("failed", final_class)
+        return Outcome(OutcomeStatus.STALE, "failure discarded: the task had moved on")
+    return Outcome(OutcomeStatus.FAILED, final_class)
 
 
 def backstop_lease_s(timeout_s: int) -> float:

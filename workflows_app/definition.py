@@ -28,6 +28,7 @@ from django.conf import settings
 from jmespath.exceptions import JMESPathError
 
 from tasks_app.handlers.registry import registry
+from tasks_app.task_types import TaskType
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 STEP_KEYS = {
@@ -198,7 +199,7 @@ def _step(name: str, raw: Any, names: set[str], problems: list[str]) -> Step | N
         return None
     problems += [f"{path}.{key}: unknown field" for key in sorted(set(raw) - STEP_KEYS)]
     task_type = raw.get("type")
-    if task_type == "COMPENSATION":
+    if task_type == TaskType.COMPENSATION:
         problems.append(f"{path}.type: COMPENSATION is for a step's compensation, not a step")
     else:
         step_timeout = raw.get("timeout_s")

@@ -23,11 +23,12 @@ from django.utils import timezone
 from tasks_app import dispatch, state
 from tasks_app import services as task_services
 from tasks_app.models import FailureClass, Task, TaskLog
+from tasks_app.task_types import TaskType
 from workflows_app.models import WorkflowRun
 
 logger = logging.getLogger(__name__)
 
-COMPENSATION_TYPE = "COMPENSATION"
+COMPENSATION_TYPE = TaskType.COMPENSATION
 
 
 def context(run: WorkflowRun, tasks: list[Task]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from django.db.models import Max
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
 from tasks_app.models import Task, TaskStatus
+from tasks_app.task_types import TaskType
 from workflows_app import compensation, coordinator, refs, runs
 from workflows_app import definition as definitions
 from workflows_app.models import (
@@ -282,7 +283,7 @@ def task_compensate(*, task: Task, by: str, action: dict[str, Any] | None = None
             undo = compensation.compensation_spec(locked, spec, ctx, priority=locked.priority)
         except refs.RefError as exc:
             raise InvalidInput({"action": [str(exc)]}) from None
-        problems = registry_validate("COMPENSATION", undo.payload)
+        problems = registry_validate(TaskType.COMPENSATION, undo.payload)
         if problems:
             raise InvalidInput({"action": problems})
         (created,) = task_services.task_bulk_create(owner=locked.owner, specs=[undo], by=by)

@@ -6,6 +6,7 @@ from typing import Any
 
 from tasks_app.errors import PermanentError
 from tasks_app.handlers.registry import Context, register, registry
+from tasks_app.task_types import TaskType
 
 SCHEMA = {
     "type": "object",
@@ -29,7 +30,7 @@ SCHEMA = {
 def _check_action(payload: Any) -> list[tuple[str, str]]:
     action = payload["action"]
     action_type = action["type"]
-    if action_type == "COMPENSATION":
+    if action_type == TaskType.COMPENSATION:
         return [("action.type", "a compensation cannot run another compensation")]
     spec = registry.get(action_type)
     if spec is None:
@@ -40,13 +41,13 @@ def _check_action(payload: Any) -> list[tuple[str, str]]:
     ]
 
 
-@register("COMPENSATION", schema=SCHEMA, extra_validator=_check_action)
+@register(TaskType.COMPENSATION, schema=SCHEMA, extra_validator=_check_action)
 def compensation(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Run ``action`` ({type, payload}) to undo task ``compensates``; its retries, timeout and
     cancellation are the compensation task's own."""
     action = payload["action"]
     spec = registry.get(action["type"])
-    if spec is None or action["type"] == "COMPENSATION":
+    if spec is None or action["type"] == TaskType.COMPENSATION:
         raise PermanentError(f"cannot compensate with type {action['type']!r}")
     problems = spec.validate(action.get("payload", {}))
     if problems:

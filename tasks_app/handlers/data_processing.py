@@ -16,6 +16,7 @@ from django.conf import settings
 from tasks_app import batches, data, sources
 from tasks_app.handlers.registry import Context, register
 from tasks_app.http.guard import check_url, parse_allowed_hosts
+from tasks_app.task_types import TaskType
 
 
 def validate_payload(payload: Any) -> list[tuple[str, str]]:
@@ -52,7 +53,7 @@ def _batch_count_problems(payload: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 @register(
-    "DATA_PROCESSING",
+    TaskType.DATA_PROCESSING,
     schema=data.PAYLOAD_SCHEMA,
     extra_validator=validate_payload,
     owner_validator=sources.owner_problems,

@@ -45,6 +45,7 @@ from tasks_app.http import client, secrets
 from tasks_app.http.guard import DestinationRefused, check_url, parse_allowed_hosts, parse_target
 from tasks_app.http.secrets import or_secret
 from tasks_app.models import TaskLog
+from tasks_app.task_types import TaskType
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 WITH_EFFECTS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -188,7 +189,7 @@ def task_problems(payload: Any, *, timeout_s: int) -> list[tuple[str, str]]:
 
 
 @register(
-    "HTTP_REQUEST",
+    TaskType.HTTP_REQUEST,
     schema=SCHEMA,
     extra_validator=validate_payload,
     task_validator=task_problems,

@@ -7,6 +7,7 @@ from typing import Any
 
 from tasks_app.errors import PermanentError, RetryableError
 from tasks_app.handlers.registry import Context, register
+from tasks_app.task_types import TaskType
 
 SCHEMA = {
     "type": "object",
@@ -22,7 +23,7 @@ SCHEMA = {
 _CHECK_EVERY_S = 0.2
 
 
-@register("NOOP", schema=SCHEMA)
+@register(TaskType.NOOP, schema=SCHEMA)
 def noop(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Do nothing, or sleep (``sleep_ms``, at most the task's time limit), fail the first
     ``fail_times`` attempts with a retryable error, or fail for good (``fail``)."""

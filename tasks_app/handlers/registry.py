@@ -139,6 +139,7 @@ class HandlerRegistry:
     ) -> Callable[[Handler], Handler]:
         if not _TYPE_NAME.match(task_type):
             raise ValueError(f"task type {task_type!r} must be UPPER_SNAKE_CASE, at most 64 chars")
+        task_type = str(task_type)  # a plain name, also for a ``TaskType`` member
 
         def decorator(func: Handler) -> Handler:
             if task_type in self._specs and self._specs[task_type].func is not func:

@@ -82,7 +82,7 @@ def test_noop_task_completed(published):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("completed")
+    assert outcome == worker.Outcome(worker.OutcomeStatus.COMPLETED)
     row = Task.objects.get(id=task.id)
     assert row.status == S.COMPLETED
     assert row.result == {"ok": True, "attempt": 1, "result": 5}
@@ -159,7 +159,7 @@ def test_unknown_type_failed_non_retryable(published):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert (row.status, row.failure_class) == (S.FAILED, FailureClass.NON_RETRYABLE)
     assert "no handler registered for type TEST_NEVER_REGISTERED" in row.error
@@ -182,7 +182,7 @@ def test_retryable_error_with_retries_left_retrying_and_published(handler_type, 
     outcome = _run(task)
 
     # then it waits 2 s as RETRYING, woken by a countdown message of 2 s
-    assert outcome == worker.Outcome("retrying", "in 2.000s")
+    assert outcome == worker.Outcome(worker.OutcomeStatus.RETRYING, "in 2.000s")
     row = Task.objects.get(id=task.id)
     assert row.status == S.RETRYING
     assert row.retries == 1
@@ -223,7 +223,7 @@ def test_retry_after_honoured_as_countdown(handler_type, published):
         type=handler_type(_raises(RetryableError("429", retry_after=5.0))), max_retries=3
     )
 
-    assert _run(task) == worker.Outcome("retrying", "in 5.000s")
+    assert _run(task) == worker.Outcome(worker.OutcomeStatus.RETRYING, "in 5.000s")
 
     assert [w.countdown for w in published[0]] == [5.0]
 
@@ -256,7 +256,7 @@ def test_retries_exhausted_failed(handler_type, published):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.RETRIES_EXHAUSTED)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.RETRIES_EXHAUSTED)
     row = Task.objects.get(id=task.id)
     assert (row.status, row.failure_class) == (S.FAILED, FailureClass.RETRIES_EXHAUSTED)
     assert (row.retries, row.error) == (3, "still down")
@@ -268,7 +268,7 @@ def test_permanent_error_failed_non_retryable_at_once(handler_type, published):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert (row.status, row.failure_class, row.error) == (
         S.FAILED,
@@ -284,7 +284,7 @@ def test_handler_bug_failed_naming_exception(handler_type):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert row.status == S.FAILED
     assert row.error == "KeyError: 'missing'"
@@ -308,7 +308,7 @@ def test_non_json_result_failed(handler_type, result):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert row.status == S.FAILED
     assert row.error.startswith("result is not JSON")
@@ -320,7 +320,7 @@ def test_result_with_nul_character_failed(handler_type):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     assert Task.objects.get(id=task.id).status == S.FAILED
 
 
@@ -329,7 +329,7 @@ def test_error_with_nul_character_failed(handler_type):
 
     outcome = _run(task)
 
-    assert outcome == worker.Outcome("failed", FailureClass.NON_RETRYABLE)
+    assert outcome == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.NON_RETRYABLE)
     row = Task.objects.get(id=task.id)
     assert row.status == S.FAILED
     assert "bad byte" in row.error
@@ -349,7 +349,7 @@ def test_timeout_with_retries_left_retrying(handler_type, published):
 def test_timeout_without_retries_failed_timeout(handler_type):
     task = make_task(type=handler_type(_raises(SoftTimeLimitExceeded())), max_retries=0)
 
-    assert _run(task) == worker.Outcome("failed", FailureClass.TIMEOUT)
+    assert _run(task) == worker.Outcome(worker.OutcomeStatus.FAILED, FailureClass.TIMEOUT)
 
     assert Task.objects.get(id=task.id).failure_class == FailureClass.TIMEOUT
 
@@ -385,7 +385,7 @@ def test_cancel_requested_while_running_cancelled_at_next_check(handler_type):
 
     task = make_task(type=handler_type(handler))
 
-    assert _run(task) == worker.Outcome("cancelled")
+    assert _run(task) == worker.Outcome(worker.OutcomeStatus.CANCELLED)
 
     row = Task.objects.get(id=task.id)
     assert (row.status, row.result) == (S.CANCELLED, None)
