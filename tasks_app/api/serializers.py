@@ -81,6 +81,14 @@ def check_payload(task_type: str, payload: Any, *, timeout_s: int, owner: Any) -
         )
 
 
+def _owner(serializer: serializers.Serializer) -> Any:
+    """Who creates the task: ``context["owner"]`` (the service gate, a schedule), else the
+    request's user (a view), so that no caller builds a request to name its owner."""
+    if "owner" in serializer.context:
+        return serializer.context["owner"]
+    return getattr(serializer.context.get("request"), "user", None)
+
+
 class TaskCreateInput(StrictSerializer):
     type = serializers.CharField(max_length=64, help_text="A registered task type, e.g. NOOP.")
     payload = serializers.JSONField(
@@ -151,8 +159,7 @@ class TaskCreateInput(StrictSerializer):
     def validate_parent(self, value: Any) -> Any:
         if value is None:
             return None
-        request = self.context.get("request")
-        user = getattr(request, "user", None)
+        user = _owner(self)
         if user is None or not selectors.task_queryset(user).filter(pk=value).exists():
             raise serializers.ValidationError(f"No task {value}.")
         return value
@@ -162,12 +169,11 @@ class TaskCreateInput(StrictSerializer):
             raise serializers.ValidationError(
                 {"delay_ms": ["Give scheduled_at or delay_ms, not both."]}
             )
-        request = self.context.get("request")
         check_payload(
             attrs["type"],
             attrs.get("payload", {}),
             timeout_s=attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
-            owner=getattr(request, "user", None),
+            owner=_owner(self),
         )
         return attrs
 
@@ -291,7 +297,7 @@ def validate_bulk_items(items: list[Any], *, request: Any) -> list[TaskSpec]:
     for index, item in enumerate(items):
         plain = _plain_item(item)
         if plain is None:
-            serializer = BulkItemInput(data=item, context={"request": request})
+            serializer = BulkItemInput(data=item, context={"owner": owner})
             if serializer.is_valid():
                 specs.append(build_spec(serializer.validated_data))
             else:
