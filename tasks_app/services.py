@@ -101,12 +101,32 @@ def task_validate(data: Any, *, owner: User | None, path_prefix: str = "") -> Ta
     Raises ``TaskInvalid`` whose ``detail`` is the API's 400 body for these fields and whose
     ``problems`` name each field under ``path_prefix``.
     """
-    from tasks_app.api.serializers import TaskCreateInput, build_spec
+    from tasks_app.api.create_input import TaskCreateRules
 
-    body = TaskCreateInput(data=data, context={"owner": owner})
+    body = TaskCreateRules(data=data, context={"owner": owner})
     if not body.is_valid():
         raise TaskInvalid(body.errors, path_prefix=path_prefix)
     return build_spec(body.validated_data)
+
+
+def build_spec(
+    data: dict[str, Any], *, idempotency_key: str | None = None, request_hash: str = ""
+) -> TaskSpec:
+    return TaskSpec(
+        type=data["type"],
+        payload=data.get("payload", {}),
+        max_retries=data.get("max_retries", settings.QW_DEFAULT_MAX_RETRIES),
+        priority=data.get("priority", 0),
+        timeout_s=data.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
+        scheduled_at=data.get("scheduled_at"),
+        delay_ms=data.get("delay_ms"),
+        parent_id=data.get("parent"),
+        retry_backoff_s=data.get("retry_backoff_s"),
+        retry_backoff_max_s=data.get("retry_backoff_max_s"),
+        retry_jitter=data.get("retry_jitter", True),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
 
 
 def canonical_hash(body: dict[str, Any]) -> str:
