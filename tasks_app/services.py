@@ -45,6 +45,90 @@ class TaskSpec:
     step: str | None = None
 
 
+def json_path(parts: Any, prefix: str = "") -> str:
+    """The one spelling of a problem's place: ``payload.url``, ``tasks[3].payload.x``.
+
+    ``parts`` are keys (``.key``) and list indexes (``[i]``) below ``prefix``, the path of
+    the enclosing value.
+    """
+    path = prefix
+    for part in parts:
+        path = join_path(path, f"[{part}]" if isinstance(part, int) else str(part))
+    return path
+
+
+def join_path(prefix: str, where: str) -> str:
+    """``where`` (a path relative to ``prefix``, maybe starting with an index) below ``prefix``."""
+    if not where:
+        return prefix
+    if not prefix or where[0] == "[":
+        return prefix + where
+    return f"{prefix}.{where}"
+
+
+class TaskInvalid(Exception):
+    """A create request the gate refused.
+
+    ``problems`` lists ``(json_path, message)`` pairs for callers that report flat lines;
+    ``detail`` keeps the nested shape the API answers with, so that every 400 stays as it was.
+    """
+
+    def __init__(self, detail: Any, *, path_prefix: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.problems: list[tuple[str, str]] = list(_flatten(detail, path_prefix))
+
+
+def _flatten(detail: Any, prefix: str) -> Any:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            # DRF keys a list's errors by index ("3"): shown as an index.
+            part = int(key) if isinstance(key, str) and key.isdigit() else key
+            yield from _flatten(value, json_path([part], prefix))
+    elif isinstance(detail, list):
+        for item in detail:
+            yield from _flatten(item, prefix)
+    else:
+        yield prefix, str(detail)
+
+
+def task_validate(data: Any, *, owner: User | None, path_prefix: str = "") -> TaskSpec:
+    """The one gate every create path passes: the API (single and bulk), a schedule's fire,
+    a redrive that edits a payload. It checks the type, the payload against the type's schema
+    and its own rules (against ``owner`` and the timeout), the bounds of retries, timeouts,
+    delays and priority, and the parent; see ``docs/architecture.md`` ("Creating a task").
+
+    Raises ``TaskInvalid`` whose ``detail`` is the API's 400 body for these fields and whose
+    ``problems`` name each field under ``path_prefix``.
+    """
+    from tasks_app.api.create_input import TaskCreateRules
+
+    body = TaskCreateRules(data=data, context={"owner": owner})
+    if not body.is_valid():
+        raise TaskInvalid(body.errors, path_prefix=path_prefix)
+    return build_spec(body.validated_data)
+
+
+def build_spec(
+    data: dict[str, Any], *, idempotency_key: str | None = None, request_hash: str = ""
+) -> TaskSpec:
+    return TaskSpec(
+        type=data["type"],
+        payload=data.get("payload", {}),
+        max_retries=data.get("max_retries", settings.QW_DEFAULT_MAX_RETRIES),
+        priority=data.get("priority", 0),
+        timeout_s=data.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
+        scheduled_at=data.get("scheduled_at"),
+        delay_ms=data.get("delay_ms"),
+        parent_id=data.get("parent"),
+        retry_backoff_s=data.get("retry_backoff_s"),
+        retry_backoff_max_s=data.get("retry_backoff_max_s"),
+        retry_jitter=data.get("retry_jitter", True),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+
+
 def canonical_hash(body: dict[str, Any]) -> str:
     """sha256 of the create body as canonical JSON, without the idempotency key itself."""
     material = {k: v for k, v in body.items() if k != "idempotency_key"}

@@ -28,6 +28,7 @@ from django.conf import settings
 from jmespath.exceptions import JMESPathError
 
 from tasks_app.handlers.registry import registry
+from tasks_app.services import join_path
 from tasks_app.task_types import TaskType
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -282,9 +283,7 @@ def _check_task(path: str, task_type: Any, payload: Any, timeout_s: int | None =
         # A $ref's value is known only when the step starts; its schema is checked then.
         if any(where == ref or where.startswith((f"{ref}.", f"{ref}[")) for ref in refs):
             continue
-        problems.append(
-            f"{path}.payload{'.' + where if where and where[0] != '[' else where}: {message}"
-        )
+        problems.append(f"{join_path(f'{path}.payload', where)}: {message}")
     return problems
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -345,19 +344,19 @@ def _previous_unfinished(schedule: Schedule) -> bool:
 
 def _create_target(schedule: Schedule) -> tuple[Task | None, WorkflowRun | None]:
     from tasks_app import services as task_services
-    from tasks_app.api.serializers import TaskCreateInput, build_spec
     from workflows_app import selectors
     from workflows_app import services as workflow_services
 
     owner = schedule.owner
     target = schedule.target
     if "task" in target:
-        body = TaskCreateInput(
-            data=target["task"], context={"request": SimpleNamespace(user=owner)}
-        )
-        if not body.is_valid():
-            raise InvalidInput({"target": {"task": body.errors}})
-        task, _ = task_services.task_create(owner=owner, spec=build_spec(body.validated_data))
+        try:
+            spec = task_services.task_validate(
+                target["task"], owner=owner, path_prefix="target.task"
+            )
+        except task_services.TaskInvalid as exc:
+            raise InvalidInput({"target": {"task": exc.detail}}) from None
+        task, _ = task_services.task_create(owner=owner, spec=spec)
         Task.objects.filter(pk=task.pk).update(schedule=schedule)
         task.schedule = schedule
         return task, None

@@ -194,9 +194,7 @@ def run_input_problems(version: WorkflowVersion, input: Any) -> list[str]:
 
 
 def _path(parts: Any) -> str:
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    path = task_services.json_path(parts)
     return f"{path}: " if path else ""
 
 

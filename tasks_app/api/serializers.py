@@ -9,22 +9,17 @@ from rest_framework import serializers
 
 from queueworker.redaction import RedactedFields
 from tasks_app import selectors
+
+# Re-exported: the API's modules and tests take the create rules from here.
+from tasks_app.api.create_input import MAX_DELAY_MS as MAX_DELAY_MS
+from tasks_app.api.create_input import StrictSerializer as StrictSerializer
+from tasks_app.api.create_input import TaskCreateRules
+from tasks_app.api.create_input import check_payload as check_payload
+from tasks_app.api.create_input import payload_errors as payload_errors
 from tasks_app.handlers.registry import registry
 from tasks_app.models import Task, TaskLog, TaskStatus
 from tasks_app.services import TaskSpec, canonical_hash
-
-MAX_DELAY_MS = 366 * 24 * 3600 * 1000
-
-
-class StrictSerializer(serializers.Serializer):
-    """Rejects fields it does not know, naming them, instead of silently dropping them."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        return super().to_internal_value(data)
+from tasks_app.services import build_spec as build_spec
 
 
 class BoundedListField(serializers.ListField):
@@ -42,134 +37,8 @@ class NoInput(StrictSerializer):
     415 if it is not JSON), so that a malformed request never acts."""
 
 
-def payload_errors(
-    problems: list[tuple[str, str]], *, document: bool = False
-) -> dict[str, Any] | list[str]:
-    """Shape (json path, message) pairs as DRF nested errors under ``payload``.
-
-    ``{"sleep_ms": ["-1 is less than the minimum of 0"]}`` when every problem sits under a
-    top-level key; otherwise, or for a ``document`` payload (a data pipeline), a list of
-    ``"path: message"`` strings.
-    """
-    if problems and not document and all(path for path, _ in problems):
-        nested: dict[str, list[str]] = {}
-        for path, message in problems:
-            head, _, rest = path.partition(".")
-            if "[" in head:
-                head, _, tail = head.partition("[")
-                rest = f"[{tail}" + (f".{rest}" if rest else "")
-            nested.setdefault(head, []).append(f"{rest}: {message}" if rest else message)
-        return nested
-    return [f"{path}: {message}" if path else message for path, message in problems]
-
-
-def check_payload(task_type: str, payload: Any, *, timeout_s: int, owner: Any) -> None:
-    """Apply the create rules of ``task_type`` to ``payload``: its schema, its cross-field checks
-    (the HTTP destination guard, secret references), the rules against the task's ``timeout_s``
-    and against ``owner``. Raises a 400 naming ``payload`` (or ``type``, if not registered).
-
-    Create and every other path that writes a payload (a redrive that edits it) call this, so
-    that no payload reaches a worker unchecked.
-    """
-    spec = registry.get(task_type)
-    if spec is None:
-        raise serializers.ValidationError({"type": [f"Unknown task type '{task_type}'."]})
-    problems = spec.validate(payload, timeout_s=timeout_s, owner=owner)
-    if problems:
-        raise serializers.ValidationError(
-            {"payload": payload_errors(problems, document=spec.document)}
-        )
-
-
-class TaskCreateInput(StrictSerializer):
-    type = serializers.CharField(max_length=64, help_text="A registered task type, e.g. NOOP.")
-    payload = serializers.JSONField(
-        required=False, default=dict, help_text="Checked against the type's payload schema."
-    )
-    max_retries = serializers.IntegerField(
-        required=False, min_value=0, help_text="Retries after the first attempt."
-    )
-    priority = serializers.IntegerField(
-        required=False, default=0, min_value=0, max_value=9, help_text="0–9, higher runs sooner."
-    )
-    scheduled_at = serializers.DateTimeField(
-        required=False, allow_null=True, help_text="Not before this time."
-    )
-    delay_ms = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=MAX_DELAY_MS
-    )
-    timeout_s = serializers.IntegerField(
-        required=False, min_value=1, help_text="The handler's time limit in seconds."
-    )
-    # DRF keeps declared fields apart from Field.parent; the stubs cannot tell.
-    parent = serializers.UUIDField(required=False, allow_null=True)  # type: ignore[assignment]
-    retry_backoff_s = serializers.FloatField(
-        required=False,
-        allow_null=True,
-        min_value=0,
-        max_value=3600,
-        help_text="Backoff base for this task (default QW_BACKOFF_BASE_S).",
-    )
-    retry_backoff_max_s = serializers.FloatField(
-        required=False,
-        allow_null=True,
-        min_value=0,
-        max_value=86400,
-        help_text="Backoff cap for this task (default QW_BACKOFF_CAP_S).",
-    )
-    retry_jitter = serializers.BooleanField(
-        required=False, default=True, help_text="Full jitter on the backoff (default true)."
-    )
-    idempotency_key = serializers.CharField(
-        required=False,
-        allow_null=True,
-        max_length=255,
-        help_text="Or the Idempotency-Key header; the same key returns the same task.",
-    )
-
-    def validate_type(self, value: str) -> str:
-        if value not in registry:
-            known = ", ".join(registry.types())
-            raise serializers.ValidationError(f"Unknown task type '{value}'. Known types: {known}.")
-        return value
-
-    def validate_max_retries(self, value: int) -> int:
-        if value > settings.QW_MAX_RETRIES_LIMIT:
-            raise serializers.ValidationError(
-                f"Ensure this value is less than or equal to {settings.QW_MAX_RETRIES_LIMIT}."
-            )
-        return value
-
-    def validate_timeout_s(self, value: int) -> int:
-        if value > settings.QW_MAX_TIMEOUT_S:
-            raise serializers.ValidationError(
-                f"Ensure this value is less than or equal to {settings.QW_MAX_TIMEOUT_S} "
-                "(QW_MAX_TIMEOUT_S)."
-            )
-        return value
-
-    def validate_parent(self, value: Any) -> Any:
-        if value is None:
-            return None
-        request = self.context.get("request")
-        user = getattr(request, "user", None)
-        if user is None or not selectors.task_queryset(user).filter(pk=value).exists():
-            raise serializers.ValidationError(f"No task {value}.")
-        return value
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if attrs.get("scheduled_at") is not None and attrs.get("delay_ms") is not None:
-            raise serializers.ValidationError(
-                {"delay_ms": ["Give scheduled_at or delay_ms, not both."]}
-            )
-        request = self.context.get("request")
-        check_payload(
-            attrs["type"],
-            attrs.get("payload", {}),
-            timeout_s=attrs.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
-            owner=getattr(request, "user", None),
-        )
-        return attrs
+class TaskCreateInput(TaskCreateRules):
+    """A create body as the API takes it (``POST /api/tasks/``)."""
 
     def to_spec(self, *, idempotency_key: str | None = None) -> TaskSpec:
         return build_spec(
@@ -177,26 +46,6 @@ class TaskCreateInput(StrictSerializer):
             idempotency_key=idempotency_key,
             request_hash=canonical_hash(self.initial_data) if idempotency_key else "",
         )
-
-
-def build_spec(
-    data: dict[str, Any], *, idempotency_key: str | None = None, request_hash: str = ""
-) -> TaskSpec:
-    return TaskSpec(
-        type=data["type"],
-        payload=data.get("payload", {}),
-        max_retries=data.get("max_retries", settings.QW_DEFAULT_MAX_RETRIES),
-        priority=data.get("priority", 0),
-        timeout_s=data.get("timeout_s", settings.QW_DEFAULT_TIMEOUT_S),
-        scheduled_at=data.get("scheduled_at"),
-        delay_ms=data.get("delay_ms"),
-        parent_id=data.get("parent"),
-        retry_backoff_s=data.get("retry_backoff_s"),
-        retry_backoff_max_s=data.get("retry_backoff_max_s"),
-        retry_jitter=data.get("retry_jitter", True),
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
 
 
 class BulkItemInput(TaskCreateInput):
@@ -291,7 +140,7 @@ def validate_bulk_items(items: list[Any], *, request: Any) -> list[TaskSpec]:
     for index, item in enumerate(items):
         plain = _plain_item(item)
         if plain is None:
-            serializer = BulkItemInput(data=item, context={"request": request})
+            serializer = BulkItemInput(data=item, context={"owner": owner})
             if serializer.is_valid():
                 specs.append(build_spec(serializer.validated_data))
             else:
