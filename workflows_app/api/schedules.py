@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -43,7 +42,7 @@ def check_target(value: Any, user: Any) -> dict[str, Any]:
         unknown = sorted(set(value) - {"task"})
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
-        body = TaskCreateInput(data=value["task"], context={"request": SimpleNamespace(user=user)})
+        body = TaskCreateInput(data=value["task"], context={"owner": user})
         if not body.is_valid():
             raise serializers.ValidationError({"task": body.errors})
         fixed = sorted({"idempotency_key", "scheduled_at"} & set(value["task"]))
