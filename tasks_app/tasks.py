@@ -15,7 +15,7 @@ from queueworker import logcontext
 from queueworker.celery import app
 from queueworker.messaging import DATA_QUEUE, DEFAULT_QUEUE
 from queueworker.tasking import instrumented_task
-from tasks_app import batches, worker
+from tasks_app import worker
 from tasks_app.dead_letters import DeadLetterConsumer
 from tasks_app.dispatch import EXECUTE_TASK
 from tasks_app.models import Task
@@ -135,6 +135,8 @@ MERGE_WAITS = 120
 def data_batch_task(self: CeleryTask, task_id: str, index: int) -> str:
     """Run one batch. A failed read or write retries this batch alone; at the last retry
     the batch is recorded FAILED and the chord still completes, so the merge can say why."""
+    from tasks_app import batches  # Polars: loaded by the worker (worker_signals), not beat
+
     with logcontext.bind(task_id=task_id):
         try:
             return batches.batch_run(task_id, index)
@@ -154,6 +156,8 @@ def data_batch_task(self: CeleryTask, task_id: str, index: int) -> str:
 )
 def data_merge_task(self: CeleryTask, task_id: str, attempt: int) -> str:
     """The chord's callback: merge the batches and finish the task (docs/task-types.md)."""
+    from tasks_app import batches  # Polars: loaded by the worker (worker_signals), not beat
+
     with logcontext.bind(task_id=task_id):
         try:
             outcome = batches.merge_run(task_id, attempt)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 from billiard.process import current_process
@@ -49,6 +50,17 @@ def _start_threaded_worker_heartbeat(sender: Any = None, **kwargs: Any) -> None:
     worker's tasks are recovered within the lease, not the backstop."""
     if sender is not None and runs_tasks_in_worker_process(getattr(sender, "pool_cls", None)):
         liveness.start(pool_child=False)
+
+
+@signals.worker_init.connect
+def _load_data_engine(**kwargs: Any) -> None:
+    """Import the DATA_PROCESSING engine (and Polars) once in the worker's main process.
+
+    Nothing imports it at module level any more, so that the web, beat and Flower stay
+    without Polars (docs/performance.md, "Process sizes"); the worker loads it here, before
+    the pool forks, so that its children share the pages and no first batch pays the import.
+    """
+    import_module("tasks_app.batches")
 
 
 @signals.worker_process_shutdown.connect

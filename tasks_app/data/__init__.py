@@ -42,21 +42,63 @@ aggregate, limit); ``plan`` splits a pipeline between batches and the merge.
 
 from __future__ import annotations
 
-from tasks_app.data.core import DataError
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from tasks_app.data.payload import PAYLOAD_SCHEMA, operations_problems, payload_problems
-from tasks_app.data.plan import Plan, run_single
-from tasks_app.data.readers import (
-    CsvLayout,
-    CsvRange,
-    csv_layout,
-    iter_csv_frames,
-    iter_json_records,
-    read_csv_range,
-)
-from tasks_app.data.results import BatchResult, Compression, MergeResult
-from tasks_app.data.rowwise import invalid_rows
-from tasks_app.data.schema import Schema, SchemaBuilder, frame_from_records, infer_schema
-from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
+
+if TYPE_CHECKING:
+    from tasks_app.data.core import DataError
+    from tasks_app.data.plan import Plan, run_single
+    from tasks_app.data.readers import (
+        CsvLayout,
+        CsvRange,
+        csv_layout,
+        iter_csv_frames,
+        iter_json_records,
+        read_csv_range,
+    )
+    from tasks_app.data.results import BatchResult, Compression, MergeResult
+    from tasks_app.data.rowwise import invalid_rows
+    from tasks_app.data.schema import Schema, SchemaBuilder, frame_from_records, infer_schema
+    from tasks_app.data.writers import RowWriter, json_ready, to_records, write_rows
+
+# The engine's names, imported on first use: the payload check above is all that the web,
+# beat and Flower need, and the rest loads Polars (docs/performance.md, "Process sizes").
+_LAZY = {
+    "DataError": "core",
+    "Plan": "plan",
+    "run_single": "plan",
+    "CsvLayout": "readers",
+    "CsvRange": "readers",
+    "csv_layout": "readers",
+    "iter_csv_frames": "readers",
+    "iter_json_records": "readers",
+    "read_csv_range": "readers",
+    "BatchResult": "results",
+    "Compression": "results",
+    "MergeResult": "results",
+    "invalid_rows": "rowwise",
+    "Schema": "schema",
+    "SchemaBuilder": "schema",
+    "frame_from_records": "schema",
+    "infer_schema": "schema",
+    "RowWriter": "writers",
+    "json_ready": "writers",
+    "to_records": "writers",
+    "write_rows": "writers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load an engine name (and Polars with it) when something first asks for it."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PAYLOAD_SCHEMA",

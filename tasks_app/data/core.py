@@ -25,7 +25,9 @@ from typing import Any
 
 import polars as pl
 
-PREFIX = "__qw_"
+from tasks_app.data.rules import PREFIX
+from tasks_app.data.rules import json_path as json_path  # re-exported for the engine
+
 ROW = "__qw_row"
 OP = "__qw_op"
 _HAS = "__qw_has:"
@@ -85,18 +87,6 @@ def check_field_names(names: Any, where: str = "input") -> None:
     for name in names:
         if isinstance(name, str) and name.startswith(PREFIX):
             raise DataError(f"{where}: field names starting with {PREFIX!r} are reserved: {name!r}")
-
-
-def json_path(parts: Any) -> str:
-    """``["operations", 2, "where"]`` → ``operations[2].where``.
-
-    The same convention as ``tasks_app.handlers.registry.json_path``, repeated here because
-    importing that package starts Django, and this engine runs without it.
-    """
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
 
 
 def op_path(index: int) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from tasks_app.data.core import json_path
 from tasks_app.data.payload_ops import OPERATION_SCHEMAS, operation_problems
+from tasks_app.data.rules import json_path
 
 MAX_OPERATIONS = 100
 MAX_BATCH_SIZE = 1_000_000
@@ -84,7 +84,7 @@ _VALIDATOR = Draft202012Validator(PAYLOAD_SCHEMA)
 def describe(error: ValidationError) -> list[tuple[str, str]]:
     """Name the field at fault: a missing or unknown property gets its own path.
 
-    The convention of ``tasks_app.handlers.registry.describe`` (see ``core.json_path``).
+    The convention of ``tasks_app.handlers.registry.describe`` (see ``rules.json_path``).
     """
     base = list(error.absolute_path)
     if error.validator == "required" and isinstance(error.instance, dict):

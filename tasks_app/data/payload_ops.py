@@ -14,8 +14,7 @@ from typing import Any
 import jsonschema_rs
 from jsonschema import Draft202012Validator, FormatChecker
 
-from tasks_app.data.core import PREFIX, json_path
-from tasks_app.data.schema_check import row_validator
+from tasks_app.data.rules import PREFIX, json_path, row_validator
 
 CAST_TYPES = ("int", "float", "bool", "str", "date", "datetime")
 METRICS = ("count", "sum", "avg", "min", "max", "count_distinct")

@@ -39,6 +39,7 @@ import jsonschema_rs
 import polars as pl
 
 from tasks_app.data.core import PREFIX, has_column, json_path, kind_column, visible
+from tasks_app.data.rules import row_validator
 from tasks_app.data.schema_compile import REFERENCES, Compiler, Residual, mentions
 from tasks_app.data.writers import json_ready
 
@@ -47,19 +48,6 @@ _ALTERNATIVES = (
     jsonschema_rs.ValidationErrorKind.AnyOf,
     jsonschema_rs.ValidationErrorKind.OneOfNotValid,
 )
-
-
-def row_validator(schema: Any) -> Any:
-    """jsonschema-rs on the linear-time regex engine, never fetching a remote ``$ref``.
-
-    Raises ``ValueError`` for a schema it cannot use; the payload check builds one first.
-    """
-    return jsonschema_rs.Draft202012Validator(
-        schema,
-        validate_formats=False,
-        pattern_options=jsonschema_rs.RegexOptions(),
-        offline=True,
-    )
 
 
 def _decoded(text: str | None, kind: str | None) -> Any:

@@ -5,6 +5,8 @@ task's result) and an ordered list of ``operations``. It is checked at create, e
 named by its JSON path (``operations[2].where.field: this field is required``); a source URL
 goes through the SSRF guard here and again, on the resolved address, when it is fetched.
 The engine is ``tasks_app.data`` (Polars); the batches and the chord are ``tasks_app.batches``.
+Only the payload check is imported here: the engine and Polars load when a pipeline runs, so
+the web, beat and Flower stay Polars-free (docs/performance.md, "Process sizes").
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
-from tasks_app import batches, data, sources
+from tasks_app import data, sources
 from tasks_app.handlers.registry import Context, register
 from tasks_app.http.guard import check_url, parse_allowed_hosts
 from tasks_app.task_types import TaskType
@@ -63,4 +65,6 @@ def data_processing(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate, clean, rename, select, cast, filter, dedupe, sort, aggregate and limit rows
     from inline records, a URL, an artifact or another task's result; large inputs in
     parallel batches. Returns ``{stats, invalid_samples, rows | artifact}``."""
+    from tasks_app import batches  # Polars: only where a pipeline runs
+
     return batches.process(ctx, payload)
