@@ -20,6 +20,7 @@ from queueworker import logcontext
 from queueworker.errors import Conflict, InvalidTransition
 from tasks_app import dispatch, hooks, state
 from tasks_app.models import Task, TaskLog, TaskStatus
+from tasks_app.paths import json_path
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +44,6 @@ class TaskSpec:
     request_hash: str = ""
     workflow_run_id: Any = None
     step: str | None = None
-
-
-def json_path(parts: Any, prefix: str = "") -> str:
-    """The one spelling of a problem's place: ``payload.url``, ``tasks[3].payload.x``.
-
-    ``parts`` are keys (``.key``) and list indexes (``[i]``) below ``prefix``, the path of
-    the enclosing value.
-    """
-    path = prefix
-    for part in parts:
-        path = join_path(path, f"[{part}]" if isinstance(part, int) else str(part))
-    return path
-
-
-def join_path(prefix: str, where: str) -> str:
-    """``where`` (a path relative to ``prefix``, maybe starting with an index) below ``prefix``."""
-    if not where:
-        return prefix
-    if not prefix or where[0] == "[":
-        return prefix + where
-    return f"{prefix}.{where}"
 
 
 class TaskInvalid(Exception):

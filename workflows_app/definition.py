@@ -28,7 +28,7 @@ from django.conf import settings
 from jmespath.exceptions import JMESPathError
 
 from tasks_app.handlers.registry import registry
-from tasks_app.services import join_path
+from tasks_app.paths import join_path
 from tasks_app.task_types import TaskType
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")

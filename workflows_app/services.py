@@ -13,6 +13,7 @@ from django.db.models import Max
 from queueworker.errors import Conflict, InvalidInput, InvalidTransition
 from tasks_app import services as task_services
 from tasks_app.models import Task, TaskStatus
+from tasks_app.paths import json_path
 from tasks_app.task_types import TaskType
 from workflows_app import compensation, coordinator, refs, runs
 from workflows_app import definition as definitions
@@ -194,7 +195,7 @@ def run_input_problems(version: WorkflowVersion, input: Any) -> list[str]:
 
 
 def _path(parts: Any) -> str:
-    path = task_services.json_path(parts)
+    path = json_path(parts)
     return f"{path}: " if path else ""
 
 

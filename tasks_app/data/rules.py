@@ -12,19 +12,9 @@ from typing import Any
 
 import jsonschema_rs
 
+from tasks_app.paths import json_path as json_path  # re-exported for the engine
+
 PREFIX = "__qw_"
-
-
-def json_path(parts: Any) -> str:
-    """``["operations", 2, "where"]`` → ``operations[2].where``.
-
-    The same convention as ``tasks_app.handlers.registry.json_path``, repeated here because
-    importing that package starts Django, and this engine runs without it.
-    """
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
 
 
 def row_validator(schema: Any) -> Any:

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 
+from tasks_app.paths import json_path
+
 _TYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 
@@ -90,13 +92,6 @@ class HandlerSpec:
         if not problems and self.owner_validator is not None and owner is not None:
             problems = self.owner_validator(payload, owner)
         return problems
-
-
-def json_path(parts: Any) -> str:
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
 
 
 def describe(error: SchemaError) -> list[tuple[str, str]]:

@@ -7,7 +7,8 @@ import uuid
 import pytest
 from django.conf import settings
 
-from tasks_app.services import TaskInvalid, TaskSpec, join_path, json_path, task_validate
+from tasks_app.paths import join_path, json_path
+from tasks_app.services import TaskInvalid, TaskSpec, task_validate
 
 pytestmark = pytest.mark.django_db
 

@@ -8,14 +8,14 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from celery.exceptions import Reject
 from django.db.models import F
 
-from tasks_app import dispatch, state, worker
+from tasks_app import state, worker
 from tasks_app.errors import RetryableError
 from tasks_app.handlers import registry
 from tasks_app.models import FailureClass, Task, TaskStatus
@@ -32,18 +32,6 @@ def _settings(settings: Any) -> None:
     settings.QW_LEASE_SECONDS = 30
     settings.QW_BACKOFF_BASE_S = 2.0
     settings.QW_BACKOFF_CAP_S = 600.0
-
-
-@pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> list[list[dispatch.Wakeup]]:
-    calls: list[list[dispatch.Wakeup]] = []
-
-    def record(wakeups: Sequence[dispatch.Wakeup]) -> int:
-        calls.append(list(wakeups))
-        return len(wakeups)
-
-    monkeypatch.setattr(dispatch, "publish", record)
-    return calls
 
 
 @pytest.fixture

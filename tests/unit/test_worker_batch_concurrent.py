@@ -7,13 +7,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from queueworker import logcontext
-from tasks_app import concurrent, dispatch, state, worker
+from tasks_app import concurrent, state, worker
 from tasks_app.errors import RetryableError
 from tasks_app.handlers import registry
 from tasks_app.models import Task, TaskStatus
@@ -30,18 +30,6 @@ def _pool(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(concurrent, "_pool", None)
     yield
     concurrent.shutdown()  # the pool threads' connections, before the test database goes
-
-
-@pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> list[list[dispatch.Wakeup]]:
-    calls: list[list[dispatch.Wakeup]] = []
-
-    def record(wakeups: Sequence[dispatch.Wakeup]) -> int:
-        calls.append(list(wakeups))
-        return len(wakeups)
-
-    monkeypatch.setattr(dispatch, "publish", record)
-    return calls
 
 
 @pytest.fixture

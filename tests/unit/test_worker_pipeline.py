@@ -7,7 +7,7 @@ recorder, and throwaway handler types are registered per test.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,19 +32,6 @@ def _settings(settings: Any) -> None:
     settings.QW_LEASE_SECONDS = 30
     settings.QW_BACKOFF_BASE_S = 2.0
     settings.QW_BACKOFF_CAP_S = 600.0
-
-
-@pytest.fixture
-def published(monkeypatch: pytest.MonkeyPatch) -> list[list[dispatch.Wakeup]]:
-    """Every batch the pipeline would publish to the broker."""
-    calls: list[list[dispatch.Wakeup]] = []
-
-    def record(wakeups: Sequence[dispatch.Wakeup]) -> int:
-        calls.append(list(wakeups))
-        return len(wakeups)
-
-    monkeypatch.setattr(dispatch, "publish", record)
-    return calls
 
 
 @pytest.fixture
